@@ -1,0 +1,67 @@
+// SPDX-License-Identifier: MIT
+/// @file moba::attention<Backend, Dtype>: the one entry point. Validates, builds params, calls the backend.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <utility>
+
+#include <moba/config.hpp>
+#include <moba/detail/validate.hpp>
+#include <moba/fwd.hpp>
+#include <moba/tensor_view.hpp>
+
+namespace moba {
+
+/// The tensors of one forward call. Activations are `[batch, seq, heads, dim]` views (see
+/// tensor_view.hpp for the packed, padded and Hugging Face layouts); the head dim is contiguous.
+/// Packed varlen: batch = 1 and `cu_seqlens_q/k` (host arrays of `sequences + 1` offsets).
+/// Padded: no cu_seqlens, each batch row is one sequence of the full seq extent.
+template <class Dtype>
+struct forward_args {
+  view4<const Dtype> q;  // [batch, q_tokens, Hq, D]
+  view4<const Dtype> k;  // [batch, k_tokens, Hkv, D]
+  view4<const Dtype> v;  // [batch, k_tokens, Hkv, D]
+  view4<Dtype> out;      // [batch, q_tokens, Hq, D]
+  /// Optional natural-log log-sum-exp of the attended scores, `[batch, q_tokens, Hq]`.
+  tensor_view<accum_t<Dtype>, 3> lse = {};
+  /// Optional selected key blocks, `[batch, q_tokens, Hq, width]`, ascending, padded with -1.
+  /// width >= top_k in sparse mode, >= the block count of the longest sequence in full mode.
+  tensor_view<std::int32_t, 4> selected = {};
+  std::span<const std::int32_t> cu_seqlens_q = {};
+  std::span<const std::int32_t> cu_seqlens_k = {};
+};
+
+/// Mixture of Block Attention on one backend (`moba::reference`, `moba::cpu`, `moba::cuda`) and one
+/// element type (`double`, `float`, `moba::bfloat16`, `moba::float16`). See SPEC.md for the math.
+template <class Backend, class Dtype>
+class attention {
+ public:
+  /// Throws moba::invalid_argument for block_size < 1, top_k < 1 or a non-finite softmax_scale.
+  /// Extra arguments go to the backend (e.g. a CUDA stream).
+  template <class... BackendArgs>
+  explicit attention(config cfg, BackendArgs&&... backend_args)
+      : cfg_((detail::validate_config(cfg), cfg)), impl_(cfg_, std::forward<BackendArgs>(backend_args)...) {}
+
+  /// Computes out (and lse, selected when given). Every argument is checked first; on error a
+  /// moba::invalid_argument is thrown and no output has been touched.
+  void forward(const forward_args<Dtype>& a) {
+    const core::fwd_params<Dtype> p = detail::make_fwd_params<Dtype>(cfg_, a.q, a.k, a.v, a.out, a.lse, a.selected,
+                                                                      a.cu_seqlens_q, a.cu_seqlens_k);
+    using impl = backend_impl<Backend, Dtype>;
+    detail::require(impl::supports_head_dim(p.head_dim), impl::name, " supports head dims ", impl::head_dims(),
+                    "; got ", p.head_dim);
+    impl_.check(p);
+    impl_.forward(p);
+  }
+
+  const config& cfg() const { return cfg_; }
+  /// Backend-specific state and options (streams, workspaces).
+  backend_impl<Backend, Dtype>& backend() { return impl_; }
+
+ private:
+  config cfg_;
+  backend_impl<Backend, Dtype> impl_;
+};
+
+}  // namespace moba

@@ -1,0 +1,26 @@
+// SPDX-License-Identifier: MIT
+/// @file Block partitioning of the keys (SPEC §Blocks 1 and 4).
+#pragma once
+
+#include <cstdint>
+
+#include <moba/detail/macros.hpp>
+
+namespace moba::core {
+
+/// Number of key blocks of a sequence of `k_len` keys; the last may be partial.
+MOBA_HOST_DEVICE std::int64_t block_count(std::int64_t k_len, std::int64_t block_size) {
+  return (k_len + block_size - 1) / block_size;
+}
+
+MOBA_HOST_DEVICE std::int64_t block_begin(std::int64_t j, std::int64_t block_size) { return j * block_size; }
+
+MOBA_HOST_DEVICE std::int64_t block_end(std::int64_t j, std::int64_t block_size, std::int64_t k_len) {
+  const std::int64_t end = (j + 1) * block_size;
+  return end < k_len ? end : k_len;
+}
+
+/// The block holding key position `pos`: the query's current block c(i) = floor(pos / B).
+MOBA_HOST_DEVICE std::int64_t current_block(std::int64_t pos, std::int64_t block_size) { return pos / block_size; }
+
+}  // namespace moba::core

@@ -1,0 +1,37 @@
+// SPDX-License-Identifier: MIT
+/// @file fwd_params<T>: everything a forward kernel needs, validated and built once by moba::attention.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <moba/dtype.hpp>
+#include <moba/tensor_view.hpp>
+#include <moba/varlen.hpp>
+
+namespace moba::core {
+
+template <class T>
+struct fwd_params {
+  view4<const T> q;  // [batch, seq, Hq, D]
+  view4<const T> k;  // [batch, seq, Hkv, D]
+  view4<const T> v;  // [batch, seq, Hkv, D]
+  view4<T> out;      // like q
+  tensor_view<accum_t<T>, 3> lse;        // [batch, seq, Hq], optional (data == nullptr)
+  tensor_view<std::int32_t, 4> selected;  // [batch, seq, Hq, width], optional
+  sequence_layout seqs;
+  std::int64_t q_heads = 0;
+  std::int64_t kv_heads = 0;
+  std::int64_t head_dim = 0;
+  std::int64_t block_size = 0;
+  std::int64_t top_k = 0;  // as configured; ignored in full mode
+  bool full = false;       // mode::full: every past block is selected
+  double softmax_scale = 0;
+
+  /// GQA: query head h reads kv head h / group (SPEC §Inputs).
+  MOBA_HOST_DEVICE std::int64_t kv_head(std::int64_t h) const { return h / (q_heads / kv_heads); }
+};
+
+static_assert(std::is_trivially_copyable_v<fwd_params<float>>);
+
+}  // namespace moba::core

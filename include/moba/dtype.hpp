@@ -1,0 +1,148 @@
+// SPDX-License-Identifier: MIT
+/// @file Host/device 16-bit float types with exact round-to-nearest-even conversion, and dtype_traits.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <moba/detail/macros.hpp>
+
+namespace moba {
+namespace detail {
+
+/// An IEEE-style binary format with `Mantissa` stored fraction bits and `Exponent` exponent bits.
+template <int Exponent, int Mantissa>
+struct binary16_format {
+  static constexpr int bias = (1 << (Exponent - 1)) - 1;
+  static constexpr int emin = 1 - bias;  // smallest normal exponent
+  static constexpr std::uint16_t exp_mask = ((1u << Exponent) - 1u) << Mantissa;
+  static constexpr std::uint16_t frac_mask = (1u << Mantissa) - 1u;
+
+  /// Decode bits exactly (every value of a 16-bit format is a float).
+  MOBA_HOST_DEVICE static float decode(std::uint16_t bits) {
+    const bool negative = bits & 0x8000u;
+    const int e = (bits & exp_mask) >> Mantissa;
+    const int f = bits & frac_mask;
+    float magnitude;
+    if (e == (1 << Exponent) - 1) {
+      magnitude = f ? NAN : INFINITY;
+    } else if (e == 0) {
+      magnitude = std::ldexp(static_cast<float>(f), emin - Mantissa);
+    } else {
+      magnitude = std::ldexp(static_cast<float>(f | (1 << Mantissa)), e - bias - Mantissa);
+    }
+    return negative ? -magnitude : magnitude;
+  }
+
+  /// Encode with one rounding, to nearest, ties to even: exact from float or double alike.
+  MOBA_HOST_DEVICE static std::uint16_t encode(double x) {
+    const std::uint16_t sign = std::signbit(x) ? 0x8000u : 0u;
+    if (std::isnan(x)) return sign | exp_mask | (1u << (Mantissa - 1));  // quiet NaN
+    const double a = std::fabs(x);
+    if (a == 0.0) return sign;
+    int e;
+    std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
+    int exponent = e - 1;
+    if (exponent < emin) exponent = emin;  // subnormals share the smallest normal's quantum
+    // a / quantum is exact (a power-of-two scale) and nearbyint rounds ties to even.
+    const double units = std::nearbyint(std::ldexp(a, Mantissa - exponent));
+    // units may have carried to 2^(Mantissa+1): renormalise.
+    long long u = static_cast<long long>(units);
+    if (u >= (2ll << Mantissa)) {
+      u >>= 1;
+      ++exponent;
+    }
+    if (u < (1ll << Mantissa)) return sign | static_cast<std::uint16_t>(u);  // subnormal (or rounded up to min normal below)
+    const int biased = exponent + bias;
+    if (biased >= (1 << Exponent) - 1) return sign | exp_mask;  // overflow to infinity
+    return sign | static_cast<std::uint16_t>((biased << Mantissa) | (u & frac_mask));
+  }
+};
+
+using bfloat16_format = binary16_format<8, 7>;
+using float16_format = binary16_format<5, 10>;
+
+/// Shared body of bfloat16 and float16: 16 bits, converted through the format's exact encode/decode.
+template <class Format, class Derived>
+struct binary16 {
+  std::uint16_t bits;
+
+  binary16() = default;
+  MOBA_HOST_DEVICE explicit binary16(float x) : bits(Format::encode(x)) {}
+  MOBA_HOST_DEVICE explicit binary16(double x) : bits(Format::encode(x)) {}
+  MOBA_HOST_DEVICE explicit operator float() const { return Format::decode(bits); }
+  MOBA_HOST_DEVICE explicit operator double() const { return Format::decode(bits); }
+
+  MOBA_HOST_DEVICE static Derived from_bits(std::uint16_t b) {
+    Derived d;
+    d.bits = b;
+    return d;
+  }
+  MOBA_HOST_DEVICE friend bool operator==(Derived a, Derived b) { return a.bits == b.bits; }
+};
+
+}  // namespace detail
+
+/// bfloat16: 1 sign, 8 exponent, 7 fraction bits; layout-compatible with __nv_bfloat16.
+struct bfloat16 : detail::binary16<detail::bfloat16_format, bfloat16> {
+  using binary16::binary16;
+};
+
+/// IEEE binary16: 1 sign, 5 exponent, 10 fraction bits; layout-compatible with __half.
+struct float16 : detail::binary16<detail::float16_format, float16> {
+  using binary16::binary16;
+};
+
+static_assert(sizeof(bfloat16) == 2 && std::is_trivially_copyable_v<bfloat16>);
+static_assert(sizeof(float16) == 2 && std::is_trivially_copyable_v<float16>);
+
+/// What each element type computes in. `accum` is used for softmax statistics and lse; `gate` for
+/// block means and gate scores (SPEC §Blocks 2–3: at least fp32, fp64 for double).
+template <class T>
+struct dtype_traits;
+
+template <>
+struct dtype_traits<double> {
+  using accum = double;
+  using gate = double;
+  static constexpr const char* name = "f64";
+};
+template <>
+struct dtype_traits<float> {
+  using accum = float;
+  using gate = float;
+  static constexpr const char* name = "f32";
+};
+template <>
+struct dtype_traits<float16> {
+  using accum = float;
+  using gate = float;
+  static constexpr const char* name = "f16";
+};
+template <>
+struct dtype_traits<bfloat16> {
+  using accum = float;
+  using gate = float;
+  static constexpr const char* name = "bf16";
+};
+
+template <class T>
+using accum_t = typename dtype_traits<T>::accum;
+template <class T>
+using gate_t = typename dtype_traits<T>::gate;
+
+/// Exact widening to double; works for every dtype.
+template <class T>
+MOBA_HOST_DEVICE double to_double(T x) {
+  return static_cast<double>(x);
+}
+
+/// Round a double to T once (round to nearest even).
+template <class T>
+MOBA_HOST_DEVICE T from_double(double x) {
+  return static_cast<T>(x);
+}
+
+}  // namespace moba

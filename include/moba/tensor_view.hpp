@@ -1,0 +1,89 @@
+// SPDX-License-Identifier: MIT
+/// @file A small strided, non-owning view with 64-bit extents and strides, usable on host and device.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <moba/detail/macros.hpp>
+
+namespace moba {
+
+/// A pointer plus `Rank` extents and strides, both counted in elements (not bytes).
+/// Trivially copyable, so it can be a kernel argument. An empty view (`data == nullptr`, zero
+/// extents) means "not given" for optional outputs.
+template <class T, int Rank>
+struct tensor_view {
+  T* data = nullptr;
+  std::int64_t extent[Rank] = {};
+  std::int64_t stride[Rank] = {};
+
+  static constexpr int rank = Rank;
+
+  template <class... I>
+  MOBA_HOST_DEVICE T& operator()(I... index) const {
+    static_assert(sizeof...(I) == Rank, "one index per dimension");
+    const std::int64_t idx[] = {static_cast<std::int64_t>(index)...};
+    std::int64_t offset = 0;
+    for (int r = 0; r < Rank; ++r) offset += idx[r] * stride[r];
+    return data[offset];
+  }
+
+  MOBA_HOST_DEVICE std::int64_t size() const {
+    std::int64_t n = 1;
+    for (int r = 0; r < Rank; ++r) n *= extent[r];
+    return n;
+  }
+
+  MOBA_HOST_DEVICE bool given() const { return data != nullptr; }
+
+  /// A read-only view of the same elements.
+  MOBA_HOST_DEVICE operator tensor_view<const T, Rank>() const {
+    tensor_view<const T, Rank> v;
+    v.data = data;
+    for (int r = 0; r < Rank; ++r) {
+      v.extent[r] = extent[r];
+      v.stride[r] = stride[r];
+    }
+    return v;
+  }
+};
+
+/// Activations are rank 4: `[batch, seq, heads, dim]`. Packed varlen tensors use batch = 1.
+template <class T>
+using view4 = tensor_view<T, 4>;
+
+/// `[batch, seq, heads, dim]` stored contiguously (flash-attention's padded layout; for varlen
+/// pass batch = 1 and seq = total tokens).
+template <class T>
+view4<T> bshd(T* data, std::int64_t batch, std::int64_t seq, std::int64_t heads, std::int64_t dim) {
+  return {data, {batch, seq, heads, dim}, {seq * heads * dim, heads * dim, dim, 1}};
+}
+
+/// Packed varlen `[total, heads, dim]`, seen as `[1, total, heads, dim]`.
+template <class T>
+view4<T> packed(T* data, std::int64_t total, std::int64_t heads, std::int64_t dim) {
+  return bshd(data, 1, total, heads, dim);
+}
+
+/// Hugging Face `[batch, heads, seq, dim]` storage, viewed as `[batch, seq, heads, dim]` without a copy.
+template <class T>
+view4<T> bhsd(T* data, std::int64_t batch, std::int64_t heads, std::int64_t seq, std::int64_t dim) {
+  return {data, {batch, seq, heads, dim}, {heads * seq * dim, dim, seq * dim, 1}};
+}
+
+/// Log-sum-exp output `[batch, seq, heads]`, contiguous.
+template <class T>
+tensor_view<T, 3> bsh(T* data, std::int64_t batch, std::int64_t seq, std::int64_t heads) {
+  return {data, {batch, seq, heads}, {seq * heads, heads, 1}};
+}
+
+/// Selected-block output `[batch, seq, heads, width]` of int32 block indices, contiguous.
+inline tensor_view<std::int32_t, 4> selection(std::int32_t* data, std::int64_t batch, std::int64_t seq,
+                                              std::int64_t heads, std::int64_t width) {
+  return {data, {batch, seq, heads, width}, {seq * heads * width, heads * width, width, 1}};
+}
+
+static_assert(std::is_trivially_copyable_v<view4<float>>);
+
+}  // namespace moba
