@@ -42,6 +42,7 @@ struct binary16_format {
     if (std::isnan(x)) return sign | exp_mask | (1u << (Mantissa - 1));  // quiet NaN
     const double a = std::fabs(x);
     if (a == 0.0) return sign;
+    if (std::isinf(a)) return sign | exp_mask;
     int e;
     std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
     int exponent = e - 1;
