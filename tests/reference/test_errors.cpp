@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <moba/core/dispatch.hpp>
+
 #include "support/support.hpp"
 
 namespace {
@@ -113,4 +115,26 @@ TEST_CASE("offsets are 64-bit: a million tokens x 32 heads x 128 dims validates 
       moba::packed(out, tokens, heads, dim), {}, {}, cu, cu);
   CHECK(&p.out(0, tokens - 1, heads - 1, dim - 1) - out == tokens * heads * dim - 1);
   CHECK(p.seqs[0].k_len == tokens);
+}
+
+namespace {
+/// A backend that supports only head dims 64 and 128, as a GPU backend might; it runs the reference.
+struct narrow_backend {};
+}  // namespace
+
+template <class Dtype>
+struct moba::backend_impl<narrow_backend, Dtype> : moba::backend_impl<moba::reference, Dtype> {
+  using dims = moba::core::head_dim_list<64, 128>;
+  static constexpr const char* name = "narrow_backend";
+  using moba::backend_impl<moba::reference, Dtype>::backend_impl;
+  static bool supports_head_dim(std::int64_t d) { return dims::contains(d); }
+  static std::string head_dims() { return dims::describe(); }
+};
+
+TEST_CASE("a head dim the backend does not support is named with the dims it does") {
+  problem p;  // head dim 8
+  moba::attention<narrow_backend, float> attn(p.cfg);
+  CHECK_THROWS_WITH_AS(attn.forward(p.args()), "moba: narrow_backend supports head dims 64, 128; got 8",
+                       std::invalid_argument);
+  CHECK(p.untouched());
 }
