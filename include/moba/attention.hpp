@@ -32,6 +32,21 @@ struct forward_args {
   std::span<const std::int32_t> cu_seqlens_k = {};
 };
 
+/// The tensors of one backward call (SPEC §Backward): gradients of the forward pass with its block
+/// selection held fixed. `out` and `lse` are the forward's; dk/dv sum over the query heads of a kv head.
+template <class Dtype>
+struct backward_args {
+  view4<const Dtype> q, k, v;
+  view4<const Dtype> out;                    // [batch, q_tokens, Hq, D], from forward
+  view4<const Dtype> dout;                   // [batch, q_tokens, Hq, D]
+  tensor_view<const accum_t<Dtype>, 3> lse;  // [batch, q_tokens, Hq], from forward
+  view4<Dtype> dq;                           // like q
+  view4<Dtype> dk;                           // like k
+  view4<Dtype> dv;                           // like v
+  std::span<const std::int32_t> cu_seqlens_q = {};
+  std::span<const std::int32_t> cu_seqlens_k = {};
+};
+
 /// Mixture of Block Attention on one backend (`moba::reference`, `moba::cpu`, `moba::cuda`) and one
 /// element type (`double`, `float`, `moba::bfloat16`, `moba::float16`). See SPEC.md for the math.
 template <class Backend, class Dtype>
@@ -53,6 +68,20 @@ class attention {
                     "; got ", p.head_dim);
     impl_.check(p);
     impl_.forward(p);
+  }
+
+  /// Computes dq, dk, dv (SPEC §Backward). Checked like forward; available on backends that
+  /// implement it (today: moba::reference), a compile-time error elsewhere.
+  void backward(const backward_args<Dtype>& a) {
+    using impl = backend_impl<Backend, Dtype>;
+    static_assert(requires(impl& b, const core::bwd_params<Dtype>& p) { b.backward(p); },
+                  "moba: this backend has no backward pass yet");
+    const core::bwd_params<Dtype> p = detail::make_bwd_params<Dtype>(
+        cfg_, a.q, a.k, a.v, a.out, a.dout, a.lse, a.dq, a.dk, a.dv, a.cu_seqlens_q, a.cu_seqlens_k);
+    detail::require(impl::supports_head_dim(p.head_dim), impl::name, " supports head dims ", impl::head_dims(),
+                    "; got ", p.head_dim);
+    impl_.check(p);
+    impl_.backward(p);
   }
 
   const config& cfg() const { return cfg_; }

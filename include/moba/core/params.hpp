@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-/// @file fwd_params<T>: everything a forward kernel needs, validated and built once by moba::attention.
+/// @file The typed parameters of each pass, validated and built once by moba::attention.
 #pragma once
 
 #include <cstdint>
@@ -11,14 +11,12 @@
 
 namespace moba::core {
 
+/// What every pass shares: the inputs, the sequences and the gating parameters.
 template <class T>
-struct fwd_params {
+struct problem {
   view4<const T> q;  // [batch, seq, Hq, D]
   view4<const T> k;  // [batch, seq, Hkv, D]
   view4<const T> v;  // [batch, seq, Hkv, D]
-  view4<T> out;      // like q
-  tensor_view<accum_t<T>, 3> lse;        // [batch, seq, Hq], optional (data == nullptr)
-  tensor_view<std::int32_t, 4> selected;  // [batch, seq, Hq, width], optional
   sequence_layout seqs;
   std::int64_t q_heads = 0;
   std::int64_t kv_heads = 0;
@@ -32,6 +30,25 @@ struct fwd_params {
   MOBA_HOST_DEVICE std::int64_t kv_head(std::int64_t h) const { return h / (q_heads / kv_heads); }
 };
 
+template <class T>
+struct fwd_params : problem<T> {
+  view4<T> out;                           // like q
+  tensor_view<accum_t<T>, 3> lse;         // [batch, seq, Hq], optional (data == nullptr)
+  tensor_view<std::int32_t, 4> selected;  // [batch, seq, Hq, width], optional
+};
+
+/// SPEC §Backward: gradients of the forward pass with the selection held fixed.
+template <class T>
+struct bwd_params : problem<T> {
+  view4<const T> out;                    // the forward output, like q
+  view4<const T> dout;                   // like q
+  tensor_view<const accum_t<T>, 3> lse;  // the forward lse, [batch, seq, Hq]
+  view4<T> dq;                           // like q
+  view4<T> dk;                           // like k; sums over the query heads of each kv head
+  view4<T> dv;                           // like v; likewise
+};
+
 static_assert(std::is_trivially_copyable_v<fwd_params<float>>);
+static_assert(std::is_trivially_copyable_v<bwd_params<float>>);
 
 }  // namespace moba::core

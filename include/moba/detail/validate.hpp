@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <span>
 #include <string>
@@ -74,16 +76,21 @@ std::string shape_of(const tensor_view<T, Rank>& v) {
   return s + "]";
 }
 
-/// Validates every argument and returns the kernel parameters. Throws moba::invalid_argument.
-template <class T>
-core::fwd_params<T> make_fwd_params(const config& cfg, view4<const T> q, view4<const T> k, view4<const T> v,
-                                    view4<T> out, tensor_view<accum_t<T>, 3> lse,
-                                    tensor_view<std::int32_t, 4> selected, std::span<const std::int32_t> cu_q,
-                                    std::span<const std::int32_t> cu_k) {
-  const byte_span q_bytes = checked_span(q, "q"), k_bytes = checked_span(k, "k"), v_bytes = checked_span(v, "v");
-  const byte_span out_bytes = checked_span(out, "out");
-  const byte_span lse_bytes = checked_span(lse, "lse"), sel_bytes = checked_span(selected, "selected");
+template <class T, int Rank>
+void require_shape(const tensor_view<T, Rank>& view, const char* name, const tensor_view<const T, Rank>& like,
+                   const char* like_name) {
+  for (int r = 0; r < Rank; ++r) {
+    require(view.extent[r] == like.extent[r], name, " has shape ", shape_of(view), " but ", like_name, " has ",
+            shape_of(like));
+  }
+  require(view.stride[Rank - 1] == 1 || view.extent[Rank - 1] == 1, name,
+          ": the head dim must be contiguous (stride 1); got stride ", view.stride[Rank - 1]);
+}
 
+/// Checks the inputs every pass shares and fills the common parameters.
+template <class T>
+core::problem<T> make_problem(const config& cfg, view4<const T> q, view4<const T> k, view4<const T> v,
+                              std::span<const std::int32_t> cu_q, std::span<const std::int32_t> cu_k) {
   const std::int64_t batch = q.extent[0], hq = q.extent[2], hkv = k.extent[2], d = q.extent[3];
   require(k.extent[3] == d && v.extent[3] == d, "head dims differ: q has ", d, ", k has ", k.extent[3], ", v has ",
           v.extent[3]);
@@ -94,21 +101,14 @@ core::fwd_params<T> make_fwd_params(const config& cfg, view4<const T> q, view4<c
   require(k.extent[0] == batch && v.extent[0] == batch, "batch extents differ: q ", batch, ", k ", k.extent[0],
           ", v ", v.extent[0]);
   require(k.extent[1] == v.extent[1], "k and v token counts differ: k ", k.extent[1], ", v ", v.extent[1]);
-  for (const auto& [stride, name] : {std::pair{q.stride[3], "q"}, {k.stride[3], "k"}, {v.stride[3], "v"},
-                                     {out.stride[3], "out"}}) {
+  for (const auto& [stride, name] : {std::pair{q.stride[3], "q"}, {k.stride[3], "k"}, {v.stride[3], "v"}}) {
     require(stride == 1 || d == 1, name, ": the head dim must be contiguous (stride 1); got stride ", stride);
   }
-  for (int r = 0; r < 4; ++r) {
-    require(out.extent[r] == q.extent[r], "out has shape ", shape_of(out), " but q has ", shape_of(q));
-  }
 
-  core::fwd_params<T> p;
+  core::problem<T> p;
   p.q = q;
   p.k = k;
   p.v = v;
-  p.out = out;
-  p.lse = lse;
-  p.selected = selected;
   p.q_heads = hq;
   p.kv_heads = hkv;
   p.head_dim = d;
@@ -119,12 +119,10 @@ core::fwd_params<T> make_fwd_params(const config& cfg, view4<const T> q, view4<c
 
   require(cu_q.empty() == cu_k.empty(), "give both cu_seqlens_q and cu_seqlens_k or neither (sizes ", cu_q.size(),
           " and ", cu_k.size(), ")");
-  std::int64_t max_q_len = 0, max_k_len = 0;
   if (!cu_q.empty()) {
     require(cu_q.size() == cu_k.size(), "cu_seqlens_q has ", cu_q.size(), " entries but cu_seqlens_k has ",
             cu_k.size());
-    require(cu_q.size() >= 2 || (q.extent[1] == 0 && k.extent[1] == 0),
-            "cu_seqlens need batch + 1 >= 2 entries; got ", cu_q.size());
+    require(cu_q.size() >= 2 || (q.extent[1] == 0 && k.extent[1] == 0), "cu_seqlens need batch + 1 >= 2 entries; got ", cu_q.size());
     require(batch == 1, "with cu_seqlens the tensors are packed: batch extent must be 1, got ", batch);
     check_cu_seqlens(cu_q, "cu_seqlens_q", q.extent[1]);
     check_cu_seqlens(cu_k, "cu_seqlens_k", k.extent[1]);
@@ -136,31 +134,87 @@ core::fwd_params<T> make_fwd_params(const config& cfg, view4<const T> q, view4<c
     const sequence_info seq = p.seqs[s];
     require(seq.q_len <= seq.k_len, "q_len > k_len in sequence ", s, ": q_len = ", seq.q_len, ", k_len = ",
             seq.k_len);
-    max_q_len = seq.q_len > max_q_len ? seq.q_len : max_q_len;
-    max_k_len = seq.k_len > max_k_len ? seq.k_len : max_k_len;
   }
+  return p;
+}
 
+/// SPEC §Bad input: no output may overlap an input or another output.
+inline void require_disjoint(std::initializer_list<std::pair<byte_span, const char*>> outputs,
+                             std::initializer_list<std::pair<byte_span, const char*>> inputs) {
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    for (const auto& [i, iname] : inputs) require(!o->first.overlaps(i), "output ", o->second, " overlaps input ", iname);
+    for (auto o2 = o + 1; o2 != outputs.end(); ++o2)
+      require(!o->first.overlaps(o2->first), "outputs ", o->second, " and ", o2->second, " overlap");
+  }
+}
+
+/// Validates every argument of a forward call and returns its parameters. Throws moba::invalid_argument.
+template <class T>
+core::fwd_params<T> make_fwd_params(const config& cfg, view4<const T> q, view4<const T> k, view4<const T> v,
+                                    view4<T> out, tensor_view<accum_t<T>, 3> lse,
+                                    tensor_view<std::int32_t, 4> selected, std::span<const std::int32_t> cu_q,
+                                    std::span<const std::int32_t> cu_k) {
+  const byte_span q_bytes = checked_span(q, "q"), k_bytes = checked_span(k, "k"), v_bytes = checked_span(v, "v");
+  const byte_span out_bytes = checked_span(out, "out");
+  const byte_span lse_bytes = checked_span(lse, "lse"), sel_bytes = checked_span(selected, "selected");
+  core::fwd_params<T> p;
+  static_cast<core::problem<T>&>(p) = make_problem(cfg, q, k, v, cu_q, cu_k);
+  require_shape(out, "out", q, "q");
+  p.out = out;
+  p.lse = lse;
+  p.selected = selected;
+
+  const std::int64_t batch = q.extent[0];
   if (lse.given()) {
-    require(lse.extent[0] == batch && lse.extent[1] == q.extent[1] && lse.extent[2] == hq, "lse has shape ",
-            shape_of(lse), "; expected [", batch, ", ", q.extent[1], ", ", hq, "]");
+    require(lse.extent[0] == batch && lse.extent[1] == q.extent[1] && lse.extent[2] == p.q_heads, "lse has shape ",
+            shape_of(lse), "; expected [", batch, ", ", q.extent[1], ", ", p.q_heads, "]");
   }
   if (selected.given()) {
+    std::int64_t max_k_len = 0;
+    for (std::int64_t s = 0; s < p.seqs.count; ++s) max_k_len = std::max(max_k_len, p.seqs[s].k_len);
     const std::int64_t need = p.full ? (max_k_len + cfg.block_size - 1) / cfg.block_size : cfg.top_k;
-    require(selected.extent[0] == batch && selected.extent[1] == q.extent[1] && selected.extent[2] == hq,
-            "selected has shape ", shape_of(selected), "; expected [", batch, ", ", q.extent[1], ", ", hq,
+    require(selected.extent[0] == batch && selected.extent[1] == q.extent[1] && selected.extent[2] == p.q_heads,
+            "selected has shape ", shape_of(selected), "; expected [", batch, ", ", q.extent[1], ", ", p.q_heads,
             ", width]");
     require(selected.extent[3] >= need, "selected width = ", selected.extent[3], " cannot hold the ", need,
             " blocks a query may select");
   }
+  require_disjoint({{out_bytes, "out"}, {lse_bytes, "lse"}, {sel_bytes, "selected"}},
+                   {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}});
+  return p;
+}
 
-  // SPEC §Bad input: an output that overlaps an input (or another output) is refused.
-  const std::pair<byte_span, const char*> outputs[] = {{out_bytes, "out"}, {lse_bytes, "lse"}, {sel_bytes, "selected"}};
-  const std::pair<byte_span, const char*> inputs[] = {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}};
-  for (const auto& [o, oname] : outputs) {
-    for (const auto& [i, iname] : inputs) require(!o.overlaps(i), "output ", oname, " overlaps input ", iname);
+/// Validates every argument of a backward call and returns its parameters. Throws moba::invalid_argument.
+template <class T>
+core::bwd_params<T> make_bwd_params(const config& cfg, view4<const T> q, view4<const T> k, view4<const T> v,
+                                    view4<const T> out, view4<const T> dout, tensor_view<const accum_t<T>, 3> lse,
+                                    view4<T> dq, view4<T> dk, view4<T> dv, std::span<const std::int32_t> cu_q,
+                                    std::span<const std::int32_t> cu_k) {
+  const byte_span q_bytes = checked_span(q, "q"), k_bytes = checked_span(k, "k"), v_bytes = checked_span(v, "v");
+  const byte_span out_bytes = checked_span(out, "out"), dout_bytes = checked_span(dout, "dout");
+  const byte_span lse_bytes = checked_span(lse, "lse");
+  const byte_span dq_bytes = checked_span(dq, "dq"), dk_bytes = checked_span(dk, "dk"), dv_bytes = checked_span(dv, "dv");
+  core::bwd_params<T> p;
+  static_cast<core::problem<T>&>(p) = make_problem(cfg, q, k, v, cu_q, cu_k);
+  require(out.given() && lse.given(), "backward needs the forward's out and lse");
+  for (const auto& [view, name] : {std::pair{out, "out"}, {dout, "dout"}}) {
+    for (int r = 0; r < 4; ++r)
+      require(view.extent[r] == q.extent[r], name, " has shape ", shape_of(view), " but q has ", shape_of(q));
   }
-  require(!out_bytes.overlaps(lse_bytes) && !out_bytes.overlaps(sel_bytes) && !lse_bytes.overlaps(sel_bytes),
-          "outputs out, lse and selected must not overlap each other");
+  require_shape(dq, "dq", q, "q");
+  require_shape(dk, "dk", k, "k");
+  require_shape(dv, "dv", v, "v");
+  require(lse.extent[0] == q.extent[0] && lse.extent[1] == q.extent[1] && lse.extent[2] == p.q_heads,
+          "lse has shape ", shape_of(lse), "; expected [", q.extent[0], ", ", q.extent[1], ", ", p.q_heads, "]");
+  p.out = out;
+  p.dout = dout;
+  p.lse = lse;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  require_disjoint({{dq_bytes, "dq"}, {dk_bytes, "dk"}, {dv_bytes, "dv"}},
+                   {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}, {out_bytes, "out"}, {dout_bytes, "dout"},
+                    {lse_bytes, "lse"}});
   return p;
 }
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-/// @file moba::reference: SPEC.md taken literally, in double precision, O(N²) memory per head.
+/// @file moba::reference: SPEC.md taken literally (forward and backward), in double precision, O(N²) memory per head.
 /// It is the oracle for every other backend: clarity over speed.
 #pragma once
 
@@ -54,51 +54,93 @@ inline std::vector<std::int64_t> select_blocks(const double* scores, std::int64_
   return index;
 }
 
-/// Gate scores s(i, j) = q_i · kbar_j for one query head of one sequence, `[q_len, blocks]`.
-template <class T>
-matrix gate_scores(const core::fwd_params<T>& p, const sequence_info& seq, std::int64_t h) {
-  const matrix keys = head_rows(p.k, seq.batch, seq.k_start, seq.k_len, p.kv_head(h));
-  return head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h) * block_means(keys, p.block_size).transpose();
+/// One query head of one sequence: the selection of each query (SPEC §Blocks) and the attention
+/// weights P `[q_len, k_len]` over its selected, causal keys, with their log-sum-exp.
+struct head_attention {
+  std::vector<std::vector<std::int64_t>> blocks;  // per query, ascending
+  matrix weights;
+  std::vector<double> lse;
+};
+
+inline head_attention attend(const matrix& q, const matrix& k, std::int64_t q_len, std::int64_t k_len,
+                             std::int64_t block_size, std::int64_t top_k, bool full, double scale) {
+  head_attention a;
+  const matrix gate = q * block_means(k, block_size).transpose();
+  const matrix logits = scale * (q * k.transpose());
+  a.weights = matrix::Zero(q_len, k_len);
+  for (std::int64_t i = 0; i < q_len; ++i) {
+    const std::int64_t pos = k_len - q_len + i;
+    a.blocks.push_back(select_blocks(gate.row(i).data(), pos, block_size, top_k, full));
+    // Every key t of a selected block with t <= pos (causal inside the current block).
+    std::vector<std::int64_t> keys;
+    for (std::int64_t j : a.blocks.back())
+      for (std::int64_t t = core::block_begin(j, block_size); t < core::block_end(j, block_size, pos + 1); ++t)
+        keys.push_back(t);
+    double max_logit = -std::numeric_limits<double>::infinity(), sum = 0;
+    for (std::int64_t t : keys) max_logit = std::max(max_logit, logits(i, t));
+    for (std::int64_t t : keys) sum += a.weights(i, t) = std::exp(logits(i, t) - max_logit);
+    a.weights.row(i) /= sum;
+    a.lse.push_back(max_logit + std::log(sum));
+  }
+  return a;
 }
 
-/// The whole forward pass of SPEC §Attention for every sequence and query head.
+/// The forward pass of SPEC §Attention for every sequence and query head.
 template <class T>
 void forward(const core::fwd_params<T>& p) {
-  using A = accum_t<T>;
   for (std::int64_t s = 0; s < p.seqs.count; ++s) {
     const sequence_info seq = p.seqs[s];
     if (seq.q_len == 0) continue;
     for (std::int64_t h = 0; h < p.q_heads; ++h) {
       const std::int64_t kv = p.kv_head(h);
-      const matrix q = head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h);
       const matrix k = head_rows(p.k, seq.batch, seq.k_start, seq.k_len, kv);
-      const matrix v = head_rows(p.v, seq.batch, seq.k_start, seq.k_len, kv);
-      const matrix gate = q * block_means(k, p.block_size).transpose();
-      const matrix logits = p.softmax_scale * (q * k.transpose());
-      matrix weights = matrix::Zero(seq.q_len, seq.k_len);
+      const head_attention a = attend(head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h), k, seq.q_len, seq.k_len,
+                                      p.block_size, p.top_k, p.full, p.softmax_scale);
+      const matrix o = a.weights * head_rows(p.v, seq.batch, seq.k_start, seq.k_len, kv);
       for (std::int64_t i = 0; i < seq.q_len; ++i) {
-        const std::int64_t pos = seq.pos(i);
-        const auto blocks = select_blocks(gate.row(i).data(), pos, p.block_size, p.top_k, p.full);
-        double max_logit = -std::numeric_limits<double>::infinity();
-        for (std::int64_t j : blocks)
-          for (std::int64_t t = core::block_begin(j, p.block_size); t < core::block_end(j, p.block_size, pos + 1); ++t)
-            max_logit = std::max(max_logit, logits(i, t));
-        double sum = 0;
-        for (std::int64_t j : blocks)
-          for (std::int64_t t = core::block_begin(j, p.block_size); t < core::block_end(j, p.block_size, pos + 1); ++t)
-            sum += weights(i, t) = std::exp(logits(i, t) - max_logit);
-        weights.row(i) /= sum;
-        if (p.lse.given()) p.lse(seq.batch, seq.q_start + i, h) = static_cast<A>(max_logit + std::log(sum));
+        const std::int64_t t = seq.q_start + i;
+        for (std::int64_t d = 0; d < p.head_dim; ++d) p.out(seq.batch, t, h, d) = from_double<T>(o(i, d));
+        if (p.lse.given()) p.lse(seq.batch, t, h) = static_cast<accum_t<T>>(a.lse[i]);
         if (p.selected.given()) {
-          for (std::int64_t w = 0; w < p.selected.extent[3]; ++w) {
-            p.selected(seq.batch, seq.q_start + i, h, w) =
+          const auto& blocks = a.blocks[i];
+          for (std::int64_t w = 0; w < p.selected.extent[3]; ++w)
+            p.selected(seq.batch, t, h, w) =
                 w < static_cast<std::int64_t>(blocks.size()) ? static_cast<std::int32_t>(blocks[w]) : -1;
-          }
         }
       }
-      const matrix o = weights * v;
-      for (std::int64_t i = 0; i < seq.q_len; ++i)
-        for (std::int64_t d = 0; d < p.head_dim; ++d) p.out(seq.batch, seq.q_start + i, h, d) = from_double<T>(o(i, d));
+    }
+  }
+}
+
+/// The backward pass of SPEC §Backward. P and O are recomputed in double from q, k, v rather than
+/// read back from the rounded forward outputs, so the gradients are those of the exact forward.
+template <class T>
+void backward(const core::bwd_params<T>& p) {
+  for (std::int64_t s = 0; s < p.seqs.count; ++s) {
+    const sequence_info seq = p.seqs[s];
+    for (std::int64_t kv = 0; kv < p.kv_heads; ++kv) {
+      const matrix k = head_rows(p.k, seq.batch, seq.k_start, seq.k_len, kv);
+      const matrix v = head_rows(p.v, seq.batch, seq.k_start, seq.k_len, kv);
+      matrix dk = matrix::Zero(seq.k_len, p.head_dim), dv = matrix::Zero(seq.k_len, p.head_dim);
+      for (std::int64_t h = kv * (p.q_heads / p.kv_heads); h < (kv + 1) * (p.q_heads / p.kv_heads); ++h) {
+        const matrix q = head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h);
+        const matrix dout = head_rows(p.dout, seq.batch, seq.q_start, seq.q_len, h);
+        const matrix w = attend(q, k, seq.q_len, seq.k_len, p.block_size, p.top_k, p.full, p.softmax_scale).weights;
+        const matrix o = w * v;
+        const Eigen::VectorXd delta = (dout.array() * o.array()).rowwise().sum();  // δ_i = dout_i · o_i
+        const matrix ds = w.array() * ((dout * v.transpose()).colwise() - delta).array();
+        const matrix dq = p.softmax_scale * (ds * k);
+        dk += p.softmax_scale * (ds.transpose() * q);
+        dv += w.transpose() * dout;
+        for (std::int64_t i = 0; i < seq.q_len; ++i)
+          for (std::int64_t d = 0; d < p.head_dim; ++d) p.dq(seq.batch, seq.q_start + i, h, d) = from_double<T>(dq(i, d));
+      }
+      for (std::int64_t t = 0; t < seq.k_len; ++t) {
+        for (std::int64_t d = 0; d < p.head_dim; ++d) {
+          p.dk(seq.batch, seq.k_start + t, kv, d) = from_double<T>(dk(t, d));
+          p.dv(seq.batch, seq.k_start + t, kv, d) = from_double<T>(dv(t, d));
+        }
+      }
     }
   }
 }
@@ -117,7 +159,7 @@ struct backend_impl<reference, Dtype> {
   static bool supports_head_dim(std::int64_t) { return true; }
   static std::string head_dims() { return "any"; }
 
-  void check(const core::fwd_params<Dtype>& p) const {
+  void check(const core::problem<Dtype>& p) const {
     for (std::int64_t s = 0; s < p.seqs.count; ++s) {
       const sequence_info seq = p.seqs[s];
       const double bytes = 16.0 * static_cast<double>(seq.q_len) * static_cast<double>(seq.k_len);
@@ -127,6 +169,7 @@ struct backend_impl<reference, Dtype> {
     }
   }
   void forward(const core::fwd_params<Dtype>& p) const { backends::reference::forward(p); }
+  void backward(const core::bwd_params<Dtype>& p) const { backends::reference::backward(p); }
 };
 
 }  // namespace moba
