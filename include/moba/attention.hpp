@@ -9,6 +9,7 @@
 #include <moba/config.hpp>
 #include <moba/detail/validate.hpp>
 #include <moba/fwd.hpp>
+#include <moba/kv_cache.hpp>
 #include <moba/tensor_view.hpp>
 
 namespace moba {
@@ -47,6 +48,20 @@ struct backward_args {
   std::span<const std::int32_t> cu_seqlens_k = {};
 };
 
+/// One decode step (SPEC §Decode with a KV cache): each sequence's new token is appended to the
+/// cache (k_new/v_new written at slot seqlens[b], its MoBA block's key sum updated), then its query
+/// attends over the cache at pos = seqlens[b]. The caller advances seqlens afterwards.
+template <class Dtype>
+struct decode_args {
+  view4<const Dtype> q;      // [batch, 1, Hq, D]
+  view4<const Dtype> k_new;  // [batch, 1, Hkv, D]
+  view4<const Dtype> v_new;  // [batch, 1, Hkv, D]
+  paged_kv_cache<Dtype> cache;
+  view4<Dtype> out;  // [batch, 1, Hq, D]
+  tensor_view<accum_t<Dtype>, 3> lse = {};
+  tensor_view<std::int32_t, 4> selected = {};
+};
+
 /// Mixture of Block Attention on one backend (`moba::reference`, `moba::cpu`, `moba::cuda`) and one
 /// element type (`double`, `float`, `moba::bfloat16`, `moba::float16`). See SPEC.md for the math.
 template <class Backend, class Dtype>
@@ -82,6 +97,19 @@ class attention {
                     "; got ", p.head_dim);
     impl_.check(p);
     impl_.backward(p);
+  }
+
+  /// One decode step (see decode_args). Checked like forward; available on backends that implement
+  /// it (today: moba::reference), a compile-time error elsewhere.
+  void decode(const decode_args<Dtype>& a) {
+    using impl = backend_impl<Backend, Dtype>;
+    static_assert(requires(impl& b, const core::decode_params<Dtype>& p) { b.decode(p); },
+                  "moba: this backend has no decode pass yet");
+    const core::decode_params<Dtype> p =
+        detail::make_decode_params<Dtype>(cfg_, a.q, a.k_new, a.v_new, a.cache, a.out, a.lse, a.selected);
+    detail::require(impl::supports_head_dim(p.head_dim), impl::name, " supports head dims ", impl::head_dims(),
+                    "; got ", p.head_dim);
+    impl_.decode(p);
   }
 
   const config& cfg() const { return cfg_; }

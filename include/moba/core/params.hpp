@@ -11,13 +11,8 @@
 
 namespace moba::core {
 
-/// What every pass shares: the inputs, the sequences and the gating parameters.
-template <class T>
-struct problem {
-  view4<const T> q;  // [batch, seq, Hq, D]
-  view4<const T> k;  // [batch, seq, Hkv, D]
-  view4<const T> v;  // [batch, seq, Hkv, D]
-  sequence_layout seqs;
+/// Head counts and gating parameters, shared by every pass.
+struct attention_shape {
   std::int64_t q_heads = 0;
   std::int64_t kv_heads = 0;
   std::int64_t head_dim = 0;
@@ -28,6 +23,15 @@ struct problem {
 
   /// GQA: query head h reads kv head h / group (SPEC §Inputs).
   MOBA_HOST_DEVICE std::int64_t kv_head(std::int64_t h) const { return h / (q_heads / kv_heads); }
+};
+
+/// The inputs of a prefill-style pass (forward, backward): packed or padded sequences.
+template <class T>
+struct problem : attention_shape {
+  view4<const T> q;  // [batch, seq, Hq, D]
+  view4<const T> k;  // [batch, seq, Hkv, D]
+  view4<const T> v;  // [batch, seq, Hkv, D]
+  sequence_layout seqs;
 };
 
 template <class T>
@@ -48,7 +52,24 @@ struct bwd_params : problem<T> {
   view4<T> dv;                           // like v; likewise
 };
 
+/// SPEC §Decode: one new token per sequence, appended to a paged cache, then attended.
+template <class T>
+struct decode_params : attention_shape {
+  view4<const T> q;                       // [batch, 1, Hq, D]
+  view4<const T> k_new;                   // [batch, 1, Hkv, D]
+  view4<const T> v_new;                   // [batch, 1, Hkv, D]
+  view4<T> k_pages;                       // [num_pages, page_size, Hkv, D]
+  view4<T> v_pages;                       // [num_pages, page_size, Hkv, D]
+  tensor_view<gate_t<T>, 4> block_key_sums;       // [batch, max_blocks, Hkv, D]
+  tensor_view<const std::int32_t, 2> page_table;  // [batch, max_pages]
+  const std::int32_t* seqlens = nullptr;          // [batch], tokens cached before the call
+  view4<T> out;                           // [batch, 1, Hq, D]
+  tensor_view<accum_t<T>, 3> lse;         // [batch, 1, Hq], optional
+  tensor_view<std::int32_t, 4> selected;  // [batch, 1, Hq, width], optional
+};
+
 static_assert(std::is_trivially_copyable_v<fwd_params<float>>);
+static_assert(std::is_trivially_copyable_v<decode_params<float>>);
 static_assert(std::is_trivially_copyable_v<bwd_params<float>>);
 
 }  // namespace moba::core

@@ -14,6 +14,7 @@
 #include <moba/config.hpp>
 #include <moba/core/params.hpp>
 #include <moba/error.hpp>
+#include <moba/kv_cache.hpp>
 #include <moba/tensor_view.hpp>
 
 namespace moba::detail {
@@ -87,6 +88,34 @@ void require_shape(const tensor_view<T, Rank>& view, const char* name, const ten
           ": the head dim must be contiguous (stride 1); got stride ", view.stride[Rank - 1]);
 }
 
+inline core::attention_shape make_shape(const config& cfg, std::int64_t hq, std::int64_t hkv, std::int64_t d) {
+  core::attention_shape a;
+  a.q_heads = hq;
+  a.kv_heads = hkv;
+  a.head_dim = d;
+  a.block_size = cfg.block_size;
+  a.top_k = cfg.top_k;
+  a.full = cfg.mode == mode::full;
+  a.softmax_scale = cfg.softmax_scale ? *cfg.softmax_scale : 1.0 / std::sqrt(static_cast<double>(d));
+  return a;
+}
+
+/// Checks the optional lse `[batch, seq, Hq]` and selection `[batch, seq, Hq, width >= need]` shapes.
+template <class A>
+void require_optional_outputs(const tensor_view<A, 3>& lse, const tensor_view<std::int32_t, 4>& selected,
+                              std::int64_t batch, std::int64_t seq, std::int64_t hq, std::int64_t need) {
+  if (lse.given()) {
+    require(lse.extent[0] == batch && lse.extent[1] == seq && lse.extent[2] == hq, "lse has shape ",
+            shape_of(lse), "; expected [", batch, ", ", seq, ", ", hq, "]");
+  }
+  if (selected.given()) {
+    require(selected.extent[0] == batch && selected.extent[1] == seq && selected.extent[2] == hq,
+            "selected has shape ", shape_of(selected), "; expected [", batch, ", ", seq, ", ", hq, ", width]");
+    require(selected.extent[3] >= need, "selected width = ", selected.extent[3], " cannot hold the ", need,
+            " blocks a query may select");
+  }
+}
+
 /// Checks the inputs every pass shares and fills the common parameters.
 template <class T>
 core::problem<T> make_problem(const config& cfg, view4<const T> q, view4<const T> k, view4<const T> v,
@@ -106,16 +135,10 @@ core::problem<T> make_problem(const config& cfg, view4<const T> q, view4<const T
   }
 
   core::problem<T> p;
+  static_cast<core::attention_shape&>(p) = make_shape(cfg, hq, hkv, d);
   p.q = q;
   p.k = k;
   p.v = v;
-  p.q_heads = hq;
-  p.kv_heads = hkv;
-  p.head_dim = d;
-  p.block_size = cfg.block_size;
-  p.top_k = cfg.top_k;
-  p.full = cfg.mode == mode::full;
-  p.softmax_scale = cfg.softmax_scale ? *cfg.softmax_scale : 1.0 / std::sqrt(static_cast<double>(d));
 
   require(cu_q.empty() == cu_k.empty(), "give both cu_seqlens_q and cu_seqlens_k or neither (sizes ", cu_q.size(),
           " and ", cu_k.size(), ")");
@@ -164,21 +187,10 @@ core::fwd_params<T> make_fwd_params(const config& cfg, view4<const T> q, view4<c
   p.lse = lse;
   p.selected = selected;
 
-  const std::int64_t batch = q.extent[0];
-  if (lse.given()) {
-    require(lse.extent[0] == batch && lse.extent[1] == q.extent[1] && lse.extent[2] == p.q_heads, "lse has shape ",
-            shape_of(lse), "; expected [", batch, ", ", q.extent[1], ", ", p.q_heads, "]");
-  }
-  if (selected.given()) {
-    std::int64_t max_k_len = 0;
-    for (std::int64_t s = 0; s < p.seqs.count; ++s) max_k_len = std::max(max_k_len, p.seqs[s].k_len);
-    const std::int64_t need = p.full ? (max_k_len + cfg.block_size - 1) / cfg.block_size : cfg.top_k;
-    require(selected.extent[0] == batch && selected.extent[1] == q.extent[1] && selected.extent[2] == p.q_heads,
-            "selected has shape ", shape_of(selected), "; expected [", batch, ", ", q.extent[1], ", ", p.q_heads,
-            ", width]");
-    require(selected.extent[3] >= need, "selected width = ", selected.extent[3], " cannot hold the ", need,
-            " blocks a query may select");
-  }
+  std::int64_t max_k_len = 0;
+  for (std::int64_t s = 0; s < p.seqs.count; ++s) max_k_len = std::max(max_k_len, p.seqs[s].k_len);
+  const std::int64_t need = p.full ? (max_k_len + cfg.block_size - 1) / cfg.block_size : cfg.top_k;
+  require_optional_outputs(lse, selected, q.extent[0], q.extent[1], p.q_heads, need);
   require_disjoint({{out_bytes, "out"}, {lse_bytes, "lse"}, {sel_bytes, "selected"}},
                    {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}});
   return p;
@@ -215,6 +227,87 @@ core::bwd_params<T> make_bwd_params(const config& cfg, view4<const T> q, view4<c
   require_disjoint({{dq_bytes, "dq"}, {dk_bytes, "dk"}, {dv_bytes, "dv"}},
                    {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}, {out_bytes, "out"}, {dout_bytes, "dout"},
                     {lse_bytes, "lse"}});
+  return p;
+}
+
+/// Validates every argument of a decode call and returns its parameters. Throws moba::invalid_argument.
+template <class T>
+core::decode_params<T> make_decode_params(const config& cfg, view4<const T> q, view4<const T> k_new,
+                                          view4<const T> v_new, const paged_kv_cache<T>& cache, view4<T> out,
+                                          tensor_view<accum_t<T>, 3> lse, tensor_view<std::int32_t, 4> selected) {
+  const byte_span q_bytes = checked_span(q, "q"), k_bytes = checked_span(k_new, "k_new");
+  const byte_span v_bytes = checked_span(v_new, "v_new"), out_bytes = checked_span(out, "out");
+  const byte_span lse_bytes = checked_span(lse, "lse"), sel_bytes = checked_span(selected, "selected");
+  const byte_span kp_bytes = checked_span(cache.k_pages, "cache.k_pages");
+  const byte_span vp_bytes = checked_span(cache.v_pages, "cache.v_pages");
+  const byte_span sums_bytes = checked_span(cache.block_key_sums, "cache.block_key_sums");
+  checked_span(cache.page_table, "cache.page_table");
+
+  const std::int64_t batch = q.extent[0], hq = q.extent[2], hkv = k_new.extent[2], d = q.extent[3];
+  require(q.extent[1] == 1, "decode takes one new token per sequence: q has ", q.extent[1]);
+  require(hkv >= 1 && hq >= 1 && hq % hkv == 0, "Hq % Hkv != 0: Hq = ", hq, ", Hkv = ", hkv);
+  const std::int64_t kv_shape[] = {batch, 1, hkv, d};
+  for (const auto& [view, name] : {std::pair{k_new, "k_new"}, {v_new, "v_new"}}) {
+    for (int r = 0; r < 4; ++r)
+      require(view.extent[r] == kv_shape[r], name, " has shape ", shape_of(view), "; expected [", batch, ", 1, ",
+              hkv, ", ", d, "]");
+  }
+  require_shape(out, "out", q, "q");
+  for (const auto& [stride, name] : {std::pair{q.stride[3], "q"}, {k_new.stride[3], "k_new"},
+                                     {v_new.stride[3], "v_new"}, {cache.k_pages.stride[3], "cache.k_pages"},
+                                     {cache.v_pages.stride[3], "cache.v_pages"}}) {
+    require(stride == 1 || d == 1, name, ": the head dim must be contiguous (stride 1); got stride ", stride);
+  }
+  const auto& kp = cache.k_pages;
+  const std::int64_t pages = kp.extent[0], page_size = kp.extent[1];
+  for (int r = 0; r < 4; ++r) {
+    require(cache.v_pages.extent[r] == kp.extent[r], "cache.v_pages has shape ", shape_of(cache.v_pages),
+            " but cache.k_pages has ", shape_of(kp));
+  }
+  require(kp.extent[2] == hkv && kp.extent[3] == d, "cache.k_pages has shape ", shape_of(kp), "; expected [pages, ",
+          "page_size, ", hkv, ", ", d, "]");
+  require(page_size >= 1, "cache page_size = ", page_size, "; it must be >= 1");
+  const auto& sums = cache.block_key_sums;
+  require(sums.extent[0] == batch && sums.extent[2] == hkv && sums.extent[3] == d, "cache.block_key_sums has shape ",
+          shape_of(sums), "; expected [", batch, ", max_blocks, ", hkv, ", ", d, "]");
+  require(cache.page_table.extent[0] == batch, "cache.page_table has ", cache.page_table.extent[0],
+          " rows for ", batch, " sequences");
+  require(static_cast<std::int64_t>(cache.seqlens.size()) == batch, "cache.seqlens has ", cache.seqlens.size(),
+          " entries for ", batch, " sequences");
+  std::int64_t max_len = 0;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t n = cache.seqlens[b], len = n + 1;
+    require(n >= 0, "cache.seqlens[", b, "] = ", n, "; it must be >= 0");
+    require(len <= cache.page_table.extent[1] * page_size, "sequence ", b, " needs ", len,
+            " cache slots but its page table holds ", cache.page_table.extent[1], " pages of ", page_size);
+    require((len + cfg.block_size - 1) / cfg.block_size <= sums.extent[1], "sequence ", b, " needs ",
+            (len + cfg.block_size - 1) / cfg.block_size, " block sums but cache.block_key_sums holds ",
+            sums.extent[1]);
+    for (std::int64_t pg = 0; pg <= n / page_size; ++pg) {
+      const std::int32_t page = cache.page_table(b, pg);
+      require(page >= 0 && page < pages, "cache.page_table(", b, ", ", pg, ") = ", page, " is not a page in [0, ",
+              pages, ")");
+    }
+    max_len = std::max(max_len, len);
+  }
+  core::decode_params<T> p;
+  static_cast<core::attention_shape&>(p) = make_shape(cfg, hq, hkv, d);
+  require_optional_outputs(lse, selected, batch, 1, hq,
+                           p.full ? (max_len + cfg.block_size - 1) / cfg.block_size : cfg.top_k);
+  require_disjoint({{out_bytes, "out"}, {lse_bytes, "lse"}, {sel_bytes, "selected"}, {kp_bytes, "cache.k_pages"},
+                    {vp_bytes, "cache.v_pages"}, {sums_bytes, "cache.block_key_sums"}},
+                   {{q_bytes, "q"}, {k_bytes, "k_new"}, {v_bytes, "v_new"}});
+  p.q = q;
+  p.k_new = k_new;
+  p.v_new = v_new;
+  p.k_pages = cache.k_pages;
+  p.v_pages = cache.v_pages;
+  p.block_key_sums = cache.block_key_sums;
+  p.page_table = cache.page_table;
+  p.seqlens = cache.seqlens.data();
+  p.out = out;
+  p.lse = lse;
+  p.selected = selected;
   return p;
 }
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-/// @file moba::reference: SPEC.md taken literally (forward and backward), in double precision, O(N²) memory per head.
+/// @file moba::reference: SPEC.md taken literally (forward, backward, decode), in double precision, O(N²) memory per head.
 /// It is the oracle for every other backend: clarity over speed.
 #pragma once
 
@@ -62,10 +62,11 @@ struct head_attention {
   std::vector<double> lse;
 };
 
-inline head_attention attend(const matrix& q, const matrix& k, std::int64_t q_len, std::int64_t k_len,
-                             std::int64_t block_size, std::int64_t top_k, bool full, double scale) {
+/// `means` are the block representatives the gate scores against (SPEC §Blocks 2).
+inline head_attention attend(const matrix& q, const matrix& k, const matrix& means, std::int64_t q_len,
+                             std::int64_t k_len, std::int64_t block_size, std::int64_t top_k, bool full, double scale) {
   head_attention a;
-  const matrix gate = q * block_means(k, block_size).transpose();
+  const matrix gate = q * means.transpose();
   const matrix logits = scale * (q * k.transpose());
   a.weights = matrix::Zero(q_len, k_len);
   for (std::int64_t i = 0; i < q_len; ++i) {
@@ -94,8 +95,9 @@ void forward(const core::fwd_params<T>& p) {
     for (std::int64_t h = 0; h < p.q_heads; ++h) {
       const std::int64_t kv = p.kv_head(h);
       const matrix k = head_rows(p.k, seq.batch, seq.k_start, seq.k_len, kv);
-      const head_attention a = attend(head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h), k, seq.q_len, seq.k_len,
-                                      p.block_size, p.top_k, p.full, p.softmax_scale);
+      const head_attention a = attend(head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h), k,
+                                      block_means(k, p.block_size), seq.q_len, seq.k_len, p.block_size, p.top_k,
+                                      p.full, p.softmax_scale);
       const matrix o = a.weights * head_rows(p.v, seq.batch, seq.k_start, seq.k_len, kv);
       for (std::int64_t i = 0; i < seq.q_len; ++i) {
         const std::int64_t t = seq.q_start + i;
@@ -121,11 +123,13 @@ void backward(const core::bwd_params<T>& p) {
     for (std::int64_t kv = 0; kv < p.kv_heads; ++kv) {
       const matrix k = head_rows(p.k, seq.batch, seq.k_start, seq.k_len, kv);
       const matrix v = head_rows(p.v, seq.batch, seq.k_start, seq.k_len, kv);
+      const matrix means = block_means(k, p.block_size);
       matrix dk = matrix::Zero(seq.k_len, p.head_dim), dv = matrix::Zero(seq.k_len, p.head_dim);
       for (std::int64_t h = kv * (p.q_heads / p.kv_heads); h < (kv + 1) * (p.q_heads / p.kv_heads); ++h) {
         const matrix q = head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h);
         const matrix dout = head_rows(p.dout, seq.batch, seq.q_start, seq.q_len, h);
-        const matrix w = attend(q, k, seq.q_len, seq.k_len, p.block_size, p.top_k, p.full, p.softmax_scale).weights;
+        const matrix w =
+            attend(q, k, means, seq.q_len, seq.k_len, p.block_size, p.top_k, p.full, p.softmax_scale).weights;
         const matrix o = w * v;
         const Eigen::VectorXd delta = (dout.array() * o.array()).rowwise().sum();  // δ_i = dout_i · o_i
         const matrix ds = w.array() * ((dout * v.transpose()).colwise() - delta).array();
@@ -140,6 +144,51 @@ void backward(const core::bwd_params<T>& p) {
           p.dk(seq.batch, seq.k_start + t, kv, d) = from_double<T>(dk(t, d));
           p.dv(seq.batch, seq.k_start + t, kv, d) = from_double<T>(dv(t, d));
         }
+      }
+    }
+  }
+}
+
+/// One decode step (SPEC §Decode): append each sequence's new key and value to its pages and its
+/// block's key sum, then attend from the new query, gating against the running sums.
+template <class T>
+void decode(const core::decode_params<T>& p) {
+  const std::int64_t batch = p.q.extent[0], page_size = p.k_pages.extent[1];
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t n = p.seqlens[b], len = n + 1, block = n / p.block_size;
+    const std::int64_t page = p.page_table(b, n / page_size), slot = n % page_size;
+    for (std::int64_t kv = 0; kv < p.kv_heads; ++kv) {
+      for (std::int64_t d = 0; d < p.head_dim; ++d) {
+        p.k_pages(page, slot, kv, d) = p.k_new(b, 0, kv, d);
+        p.v_pages(page, slot, kv, d) = p.v_new(b, 0, kv, d);
+        // The first token of a block starts its sum, so stale memory never leaks in.
+        auto& sum = p.block_key_sums(b, block, kv, d);
+        const auto key = static_cast<gate_t<T>>(to_double(p.k_new(b, 0, kv, d)));
+        sum = n % p.block_size == 0 ? key : sum + key;
+      }
+    }
+    for (std::int64_t h = 0; h < p.q_heads; ++h) {
+      const std::int64_t kv = p.kv_head(h);
+      matrix k(len, p.head_dim), v(len, p.head_dim), q(1, p.head_dim);
+      for (std::int64_t t = 0; t < len; ++t) {
+        for (std::int64_t d = 0; d < p.head_dim; ++d) {
+          k(t, d) = to_double(p.k_pages(p.page_table(b, t / page_size), t % page_size, kv, d));
+          v(t, d) = to_double(p.v_pages(p.page_table(b, t / page_size), t % page_size, kv, d));
+        }
+      }
+      matrix means(core::block_count(len, p.block_size), p.head_dim);
+      for (std::int64_t j = 0; j < means.rows(); ++j) {
+        const double count = static_cast<double>(core::block_end(j, p.block_size, len) - core::block_begin(j, p.block_size));
+        for (std::int64_t d = 0; d < p.head_dim; ++d) means(j, d) = to_double(p.block_key_sums(b, j, kv, d)) / count;
+      }
+      for (std::int64_t d = 0; d < p.head_dim; ++d) q(0, d) = to_double(p.q(b, 0, h, d));
+      const head_attention a = attend(q, k, means, 1, len, p.block_size, p.top_k, p.full, p.softmax_scale);
+      const matrix o = a.weights * v;
+      for (std::int64_t d = 0; d < p.head_dim; ++d) p.out(b, 0, h, d) = from_double<T>(o(0, d));
+      if (p.lse.given()) p.lse(b, 0, h) = static_cast<accum_t<T>>(a.lse[0]);
+      if (p.selected.given()) {
+        for (std::int64_t w = 0; w < p.selected.extent[3]; ++w)
+          p.selected(b, 0, h, w) = w < static_cast<std::int64_t>(a.blocks[0].size()) ? static_cast<std::int32_t>(a.blocks[0][w]) : -1;
       }
     }
   }
@@ -170,6 +219,7 @@ struct backend_impl<reference, Dtype> {
   }
   void forward(const core::fwd_params<Dtype>& p) const { backends::reference::forward(p); }
   void backward(const core::bwd_params<Dtype>& p) const { backends::reference::backward(p); }
+  void decode(const core::decode_params<Dtype>& p) const { backends::reference::decode(p); }
 };
 
 }  // namespace moba
