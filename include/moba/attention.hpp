@@ -78,9 +78,7 @@ class attention {
   void forward(const forward_args<Dtype>& a) {
     const core::fwd_params<Dtype> p = detail::make_fwd_params<Dtype>(cfg_, a.q, a.k, a.v, a.out, a.lse, a.selected,
                                                                       a.cu_seqlens_q, a.cu_seqlens_k);
-    using impl = backend_impl<Backend, Dtype>;
-    detail::require(impl::supports_head_dim(p.head_dim), impl::name, " supports head dims ", impl::head_dims(),
-                    "; got ", p.head_dim);
+    require_head_dim(p.head_dim);
     impl_.check(p);
     impl_.forward(p);
   }
@@ -93,8 +91,7 @@ class attention {
                   "moba: this backend has no backward pass yet");
     const core::bwd_params<Dtype> p = detail::make_bwd_params<Dtype>(
         cfg_, a.q, a.k, a.v, a.out, a.dout, a.lse, a.dq, a.dk, a.dv, a.cu_seqlens_q, a.cu_seqlens_k);
-    detail::require(impl::supports_head_dim(p.head_dim), impl::name, " supports head dims ", impl::head_dims(),
-                    "; got ", p.head_dim);
+    require_head_dim(p.head_dim);
     impl_.check(p);
     impl_.backward(p);
   }
@@ -107,8 +104,7 @@ class attention {
                   "moba: this backend has no decode pass yet");
     const core::decode_params<Dtype> p =
         detail::make_decode_params<Dtype>(cfg_, a.q, a.k_new, a.v_new, a.cache, a.out, a.lse, a.selected);
-    detail::require(impl::supports_head_dim(p.head_dim), impl::name, " supports head dims ", impl::head_dims(),
-                    "; got ", p.head_dim);
+    require_head_dim(p.head_dim);
     impl_.decode(p);
   }
 
@@ -117,6 +113,11 @@ class attention {
   backend_impl<Backend, Dtype>& backend() { return impl_; }
 
  private:
+  static void require_head_dim(std::int64_t d) {
+    using impl = backend_impl<Backend, Dtype>;
+    detail::require(impl::supports_head_dim(d), impl::name, " supports head dims ", impl::head_dims(), "; got ", d);
+  }
+
   config cfg_;
   backend_impl<Backend, Dtype> impl_;
 };

@@ -110,22 +110,22 @@ struct dtype_traits<double> {
   using gate = double;
   static constexpr const char* name = "f64";
 };
-template <>
-struct dtype_traits<float> {
+
+/// float and the 16-bit types compute in fp32.
+struct fp32_compute {
   using accum = float;
   using gate = float;
+};
+template <>
+struct dtype_traits<float> : fp32_compute {
   static constexpr const char* name = "f32";
 };
 template <>
-struct dtype_traits<float16> {
-  using accum = float;
-  using gate = float;
+struct dtype_traits<float16> : fp32_compute {
   static constexpr const char* name = "f16";
 };
 template <>
-struct dtype_traits<bfloat16> {
-  using accum = float;
-  using gate = float;
+struct dtype_traits<bfloat16> : fp32_compute {
   static constexpr const char* name = "bf16";
 };
 
