@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: MIT
-/// @file Checks of a forward call's arguments (SPEC §Bad input), run before anything is written.
+/// @file Checks of the arguments of every pass (SPEC §Bad input), run before anything is written.
 #pragma once
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
