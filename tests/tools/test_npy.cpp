@@ -1,0 +1,71 @@
+// SPDX-License-Identifier: MIT
+/// @file The .npy reader and writer: round trips, NumPy's header forms, and rejection of bad files.
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "npy.hpp"
+
+namespace npy = moba_ref::npy;
+
+namespace {
+std::string preamble(const std::string& dict, int version = 1) {
+  std::string h = "\x93NUMPY";
+  h += static_cast<char>(version);
+  h += '\0';
+  if (version == 1) {
+    h += static_cast<char>(dict.size() & 0xff);
+    h += static_cast<char>(dict.size() >> 8);
+  } else {
+    for (int b = 0; b < 4; ++b) h += static_cast<char>(dict.size() >> (8 * b) & 0xff);
+  }
+  return h + dict;
+}
+npy::array parse(const std::string& bytes) { return npy::parse(bytes.data(), bytes.size()); }
+}  // namespace
+
+TEST_CASE("write then read returns the same descr, shape and bytes, with a 64-byte aligned header") {
+  std::mt19937 rng(std::random_device{}());
+  std::vector<float> x(3 * 5 * 7);
+  for (auto& e : x) e = std::normal_distribution<float>()(rng);
+  const auto path = (std::filesystem::temp_directory_path() / ("npy_" + std::to_string(rng()) + ".npy")).string();
+  npy::write(path, "<f4", {3, 5, 7}, x.data());
+  const npy::array a = npy::read(path);
+  CHECK(a.descr == "<f4");
+  CHECK(a.shape == std::vector<std::int64_t>{3, 5, 7});
+  REQUIRE(a.data.size() == x.size() * 4);
+  CHECK(std::memcmp(a.data.data(), x.data(), a.data.size()) == 0);
+  CHECK(std::filesystem::file_size(path) - a.data.size() == 128);  // header padded to 64
+  std::remove(path.c_str());
+}
+
+TEST_CASE("NumPy's header forms parse: 1-tuples, empty shapes, version 2, any key order") {
+  const std::string one = preamble("{'descr': '<i4', 'fortran_order': False, 'shape': (2,), }\n") + std::string(8, '\1');
+  CHECK(parse(one).shape == std::vector<std::int64_t>{2});
+  const std::string scalar = preamble("{'shape': (), 'fortran_order': False, 'descr': '<f8'}") + std::string(8, '\0');
+  CHECK(parse(scalar).shape.empty());
+  const std::string v2 = preamble("{'descr': '<u2', 'fortran_order': False, 'shape': (0, 3), }", 2);
+  CHECK(parse(v2).count() == 0);
+}
+
+TEST_CASE("malformed or unsupported files are rejected with a message") {
+  const std::string good = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }";
+  CHECK_THROWS_WITH_AS(parse("NUMPY"), "not a .npy file (bad magic)", npy::error);
+  CHECK_THROWS_WITH_AS(parse(preamble(good).substr(0, 20)), "truncated .npy header", npy::error);
+  CHECK_THROWS_WITH_AS(parse(preamble(good) + std::string(4, 'x')), doctest::Contains("needs 2 elements of 4 bytes"),
+                       npy::error);
+  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }") + "abcd"),
+                       doctest::Contains("unsupported dtype '>f4'"), npy::error);
+  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }") + "abcd"),
+                       doctest::Contains("Fortran-order"), npy::error);
+  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'shape': (1,), }") + "abcd"),
+                       doctest::Contains("lacks descr"), npy::error);
+  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 16), }")),
+                       doctest::Contains("shape overflows"), npy::error);
+  CHECK_THROWS_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (1,")), npy::error);
+  CHECK_THROWS_AS(npy::read("/nonexistent/x.npy"), npy::error);
+}
