@@ -147,11 +147,15 @@ inline array parse(const char* bytes, std::size_t size) {
   if (!have_descr || !have_order || !have_shape) throw error(".npy header lacks descr, fortran_order or shape");
   if (fortran) throw error("Fortran-order arrays are not supported; save with np.ascontiguousarray");
   const std::size_t item = item_size(a.descr);
+  // The product of the non-zero dims must fit int64, so that count() never overflows.
   std::uint64_t count = 1;
+  bool empty = false;
   for (auto dim : a.shape) {
-    if (dim != 0 && count > UINT64_MAX / static_cast<std::uint64_t>(dim)) throw error("shape overflows");
-    count *= static_cast<std::uint64_t>(dim);
+    if (dim == 0) empty = true;
+    else if (count > static_cast<std::uint64_t>(INT64_MAX) / static_cast<std::uint64_t>(dim)) throw error("shape overflows");
+    else count *= static_cast<std::uint64_t>(dim);
   }
+  if (empty) count = 0;
   const std::size_t payload = size - offset - header_len;
   if (count > payload / item || count * item != payload) {
     throw error("data holds " + std::to_string(payload) + " bytes but the shape needs " +
