@@ -66,6 +66,8 @@ TEST_CASE("malformed or unsupported files are rejected with a message") {
                        doctest::Contains("lacks descr"), npy::error);
   CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 16), }")),
                        doctest::Contains("shape overflows"), npy::error);
+  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (8589934592, 1073741824, 0), }")),
+                       doctest::Contains("shape overflows"), npy::error);  // empty, but count() would overflow
   CHECK_THROWS_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (1,")), npy::error);
   CHECK_THROWS_AS(npy::read("/nonexistent/x.npy"), npy::error);
 }
