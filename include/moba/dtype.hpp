@@ -65,16 +65,58 @@ struct binary16_format {
 using bfloat16_format = binary16_format<8, 7>;
 using float16_format = binary16_format<5, 10>;
 
-/// Shared body of bfloat16 and float16: 16 bits, converted through the format's exact encode/decode.
-template <class Format, class Derived>
+MOBA_HOST_DEVICE std::uint32_t float_bits(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+MOBA_HOST_DEVICE float bits_float(std::uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+/// Bit-level conversions between float and the 16-bit formats, exact and fast enough for hot loops;
+/// `binary16_format::encode/decode` above are the slow, obviously-correct definitions they are tested against.
+struct fast_bfloat16 {
+  MOBA_HOST_DEVICE static float decode(std::uint16_t h) { return bits_float(std::uint32_t{h} << 16); }
+  MOBA_HOST_DEVICE static std::uint16_t encode(float x) {
+    const std::uint32_t u = float_bits(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+    return static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round half to even
+  }
+};
+
+struct fast_float16 {
+  MOBA_HOST_DEVICE static float decode(std::uint16_t h) {
+    const std::uint32_t sign = std::uint32_t{h & 0x8000u} << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1f) return bits_float(sign | 0x7f800000u | (m << 13));
+    if (e == 0) return bits_float(sign | float_bits(static_cast<float>(m) * 0x1p-24f));  // zero or subnormal, exact
+    return bits_float(sign | ((e + 112) << 23) | (m << 13));
+  }
+  MOBA_HOST_DEVICE static std::uint16_t encode(float x) {
+    const std::uint32_t u = float_bits(x), a = u & 0x7fffffffu;
+    const auto sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
+    if (a > 0x7f800000u) return sign | 0x7e00u;     // NaN
+    if (a >= 0x477ff000u) return sign | 0x7c00u;    // >= 65520 rounds to infinity
+    if (a < 0x38800000u) {                          // below 2^-14: a multiple of 2^-24, scaled exactly
+      return sign | static_cast<std::uint16_t>(std::nearbyint(bits_float(a) * 0x1p24f));
+    }
+    // Round at bit 13 (half to even); a carry moves into the exponent as it should.
+    return sign | static_cast<std::uint16_t>(((a + 0xfffu + ((a >> 13) & 1u)) >> 13) - (112u << 10));
+  }
+};
+
+/// Shared body of bfloat16 and float16: 16 bits with exact round-to-nearest-even conversion.
+template <class Format, class Fast, class Derived>
 struct binary16 {
   std::uint16_t bits;
 
   binary16() = default;
-  MOBA_HOST_DEVICE explicit binary16(float x) : bits(Format::encode(x)) {}
-  MOBA_HOST_DEVICE explicit binary16(double x) : bits(Format::encode(x)) {}
-  MOBA_HOST_DEVICE explicit operator float() const { return Format::decode(bits); }
-  MOBA_HOST_DEVICE explicit operator double() const { return Format::decode(bits); }
+  MOBA_HOST_DEVICE explicit binary16(float x) : bits(Fast::encode(x)) {}
+  MOBA_HOST_DEVICE explicit binary16(double x) : bits(Format::encode(x)) {}  // one rounding, not two
+  MOBA_HOST_DEVICE explicit operator float() const { return Fast::decode(bits); }
+  MOBA_HOST_DEVICE explicit operator double() const { return Fast::decode(bits); }
 
   MOBA_HOST_DEVICE static Derived from_bits(std::uint16_t b) {
     Derived d;
@@ -87,12 +129,12 @@ struct binary16 {
 }  // namespace detail
 
 /// bfloat16: 1 sign, 8 exponent, 7 fraction bits; layout-compatible with __nv_bfloat16.
-struct bfloat16 : detail::binary16<detail::bfloat16_format, bfloat16> {
+struct bfloat16 : detail::binary16<detail::bfloat16_format, detail::fast_bfloat16, bfloat16> {
   using binary16::binary16;
 };
 
 /// IEEE binary16: 1 sign, 5 exponent, 10 fraction bits; layout-compatible with __half.
-struct float16 : detail::binary16<detail::float16_format, float16> {
+struct float16 : detail::binary16<detail::float16_format, detail::fast_float16, float16> {
   using binary16::binary16;
 };
 

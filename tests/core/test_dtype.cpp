@@ -64,6 +64,24 @@ TEST_CASE_TEMPLATE("conversion rounds to nearest, ties to even", H, moba::bfloat
   CHECK(H(one + ulp / 2 + 0x1p-40).bits == H(one + ulp).bits);             // just above the tie
 }
 
+TEST_CASE_TEMPLATE("the fast float paths equal the exact definitions on every pattern and on random floats", H,
+                   moba::bfloat16, moba::float16) {
+  using format = std::conditional_t<std::is_same_v<H, moba::bfloat16>, moba::detail::bfloat16_format,
+                                    moba::detail::float16_format>;
+  for (std::uint32_t b = 0; b < 0x10000; ++b) {
+    const float fast = static_cast<float>(H::from_bits(static_cast<std::uint16_t>(b)));
+    const float exact = format::decode(static_cast<std::uint16_t>(b));
+    REQUIRE((fast == exact || (std::isnan(fast) && std::isnan(exact))));
+    REQUIRE(std::signbit(fast) == std::signbit(exact));
+  }
+  std::mt19937 rng(std::random_device{}());
+  for (int n = 0; n < 1000000; ++n) {
+    const float x = moba::detail::bits_float(static_cast<std::uint32_t>(rng()));
+    if (std::isnan(x)) continue;
+    REQUIRE_MESSAGE(H(x).bits == format::encode(x), x);
+  }
+}
+
 TEST_CASE("float16 specials: overflow to infinity, subnormals, signed zero, NaN") {
   CHECK(std::isinf(static_cast<float>(moba::float16(65520.0))));       // halfway past max rounds up
   CHECK(static_cast<float>(moba::float16(65519.0)) == 65504.0f);
