@@ -1,0 +1,122 @@
+// SPDX-License-Identifier: MIT
+/// @file moba::cpu: the forward pass on oneTBB threads; each work item is a query tile of one kv-head
+/// group (kernel.hpp). Key-block means are computed once per (sequence, kv head) first.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <oneapi/tbb/enumerable_thread_specific.h>
+#include <oneapi/tbb/parallel_for.h>
+#include <oneapi/tbb/task_arena.h>
+
+#include <moba/attention.hpp>
+#include <moba/backends/cpu/kernel.hpp>
+#include <moba/backends/cpu/simd.hpp>
+#include <moba/backends/cpu/tiling.hpp>
+#include <moba/backends/cpu/workspace.hpp>
+#include <moba/core/blocks.hpp>
+#include <moba/core/flops.hpp>
+#include <moba/core/params.hpp>
+
+namespace moba::backends::cpu {
+
+/// Options of the CPU backend: `threads` = 0 uses oneTBB's default (every core).
+struct options {
+  int threads = 0;
+};
+
+/// A query tile of one kv-head group of one sequence, with its estimated cost for scheduling.
+struct work_item {
+  std::int64_t seq, kv, i0, i1;
+  double cost;
+};
+
+/// State reused across calls: the work list, the block means and the per-thread tile scratch.
+template <class A>
+struct forward_state {
+  std::vector<work_item> items;
+  std::vector<std::int64_t> means_offset;  // per (sequence, kv head), into means
+  aligned_vector<A> means;
+  tbb::enumerable_thread_specific<tile_workspace<A>> scratch;
+};
+
+template <class T, class A>
+void forward(const core::fwd_params<T>& p, forward_state<A>& state) {
+  const std::int64_t dp = padded_dim<A>(p.head_dim), block = p.block_size, tile = query_tile_tokens(block);
+  // Block means (SPEC §Blocks 2) for every (sequence, kv head), accumulated in A, divided by the count.
+  state.means_offset.assign(p.seqs.count * p.kv_heads + 1, 0);
+  for (std::int64_t s = 0; s < p.seqs.count; ++s)
+    for (std::int64_t kv = 0; kv < p.kv_heads; ++kv)
+      state.means_offset[s * p.kv_heads + kv + 1] =
+          state.means_offset[s * p.kv_heads + kv] + core::block_count(p.seqs[s].k_len, block) * dp;
+  grow(state.means, state.means_offset.back());
+  tbb::parallel_for(std::int64_t{0}, p.seqs.count * p.kv_heads, [&](std::int64_t item) {
+    const std::int64_t s = item / p.kv_heads, kv = item % p.kv_heads;
+    const sequence_info seq = p.seqs[s];
+    if (seq.q_len == 0) return;
+    A* means = state.means.data() + state.means_offset[item];
+    aligned_vector<A> key(dp);
+    for (std::int64_t j = 0; j < core::block_count(seq.k_len, block); ++j) {
+      A* mean = means + j * dp;
+      std::fill_n(mean, dp, A(0));
+      const std::int64_t b = core::block_begin(j, block), e = core::block_end(j, block, seq.k_len);
+      for (std::int64_t t = b; t < e; ++t) {
+        widen_row<A>(&p.k(seq.batch, seq.k_start + t, kv, 0), key.data(), p.head_dim, dp);
+        for (std::int64_t x = 0; x < dp; ++x) mean[x] += key[x];
+      }
+      for (std::int64_t x = 0; x < dp; ++x) mean[x] /= static_cast<A>(e - b);
+    }
+  });
+
+  // Work items aligned to tiles of absolute position, costliest first so that long ones start early.
+  state.items.clear();
+  for (std::int64_t s = 0; s < p.seqs.count; ++s) {
+    const sequence_info seq = p.seqs[s];
+    for (std::int64_t i0 = 0; i0 < seq.q_len;) {
+      const std::int64_t i1 = std::min(seq.q_len, (seq.pos(i0) / tile + 1) * tile - (seq.k_len - seq.q_len));
+      double cost = 0;
+      for (std::int64_t i = i0; i < i1; i += std::max<std::int64_t>(1, (i1 - i0) / 8))
+        cost += static_cast<double>(core::attended_keys(seq.pos(i), block, p.top_k, p.full));
+      for (std::int64_t kv = 0; kv < p.kv_heads; ++kv) state.items.push_back({s, kv, i0, i1, cost * (i1 - i0)});
+      i0 = i1;
+    }
+  }
+  std::sort(state.items.begin(), state.items.end(), [](const work_item& a, const work_item& b) { return a.cost > b.cost; });
+  tbb::parallel_for(
+      tbb::blocked_range<std::size_t>(0, state.items.size(), 1),
+      [&](const tbb::blocked_range<std::size_t>& range) {
+        for (std::size_t x = range.begin(); x != range.end(); ++x) {
+          const work_item& item = state.items[x];
+          run_tile<T, A>(p, p.seqs[item.seq], item.kv, item.i0, item.i1,
+                         state.means.data() + state.means_offset[item.seq * p.kv_heads + item.kv],
+                         state.scratch.local());
+        }
+      },
+      tbb::simple_partitioner());
+}
+
+}  // namespace moba::backends::cpu
+
+namespace moba {
+
+template <class Dtype>
+struct backend_impl<cpu, Dtype> {
+  static constexpr const char* name = "moba::cpu";
+  backends::cpu::options opts;
+  backends::cpu::forward_state<accum_t<Dtype>> state;
+  tbb::task_arena arena;
+
+  explicit backend_impl(const config&, backends::cpu::options o = {})
+      : opts(o), arena(o.threads > 0 ? o.threads : tbb::task_arena::automatic) {}
+  static bool supports_head_dim(std::int64_t) { return true; }
+  static std::string head_dims() { return "any"; }
+  void check(const core::problem<Dtype>&) const {}
+  void forward(const core::fwd_params<Dtype>& p) {
+    arena.execute([&] { backends::cpu::forward(p, state); });
+  }
+};
+
+}  // namespace moba

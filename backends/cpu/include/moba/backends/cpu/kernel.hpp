@@ -1,0 +1,243 @@
+// SPDX-License-Identifier: MIT
+/// @file The CPU forward kernel for one work item: a query tile of one kv-head group of one sequence.
+/// Gates each row, groups the rows by the key blocks they selected, and for every key chunk runs
+/// two register-tiled matrix products with an online softmax in between (flash-attention style).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include <xsimd/xsimd.hpp>
+
+#include <moba/backends/cpu/simd.hpp>
+#include <moba/backends/cpu/tiling.hpp>
+#include <moba/backends/cpu/workspace.hpp>
+#include <moba/core/blocks.hpp>
+#include <moba/core/gate.hpp>
+#include <moba/core/params.hpp>
+
+namespace moba::backends::cpu {
+
+/// S[r][0, chunk_keys) = q_r · kT[:, 0, chunk_keys) for `Rows` rows: the scores of one key chunk.
+template <int Rows, class A>
+void score_tile(const A* const* q, const A* kT, std::int64_t dp, A* s) {
+  using tile = register_tile<A>;
+  using batch = typename tile::batch;
+  batch acc[Rows][tile::vectors];
+  for (auto& row : acc)
+    for (auto& a : row) a = batch(A(0));
+  for (std::int64_t d = 0; d < dp; ++d) {
+    batch k[tile::vectors];
+    for (int v = 0; v < tile::vectors; ++v) k[v] = batch::load_aligned(kT + d * tile::chunk_keys + v * tile::width);
+    for (int r = 0; r < Rows; ++r) {
+      const batch qd(q[r][d]);
+      for (int v = 0; v < tile::vectors; ++v) acc[r][v] = xsimd::fma(qd, k[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int v = 0; v < tile::vectors; ++v) acc[r][v].store_aligned(s + r * tile::chunk_keys + v * tile::width);
+}
+
+/// o_r += Σ_t p[r][t] · v[t] for `Rows` rows over `keys` keys; vectors of the output columns in
+/// passes of `Vectors` (the register tile), then single vectors for the rest of Dp.
+template <int Rows, int Vectors, class A>
+std::int64_t accumulate_pass(const A* p, const A* v, std::int64_t keys, std::int64_t dp, A* const* o,
+                             std::int64_t col) {
+  using tile = register_tile<A>;
+  using batch = typename tile::batch;
+  for (; col + Vectors * tile::width <= dp; col += Vectors * tile::width) {
+    batch acc[Rows][Vectors];
+    for (int r = 0; r < Rows; ++r)
+      for (int x = 0; x < Vectors; ++x) acc[r][x] = batch::load_aligned(o[r] + col + x * tile::width);
+    for (std::int64_t t = 0; t < keys; ++t) {
+      batch vt[Vectors];
+      for (int x = 0; x < Vectors; ++x) vt[x] = batch::load_aligned(v + t * dp + col + x * tile::width);
+      for (int r = 0; r < Rows; ++r) {
+        const batch pt(p[r * tile::chunk_keys + t]);
+        for (int x = 0; x < Vectors; ++x) acc[r][x] = xsimd::fma(pt, vt[x], acc[r][x]);
+      }
+    }
+    for (int r = 0; r < Rows; ++r)
+      for (int x = 0; x < Vectors; ++x) acc[r][x].store_aligned(o[r] + col + x * tile::width);
+  }
+  return col;
+}
+
+template <int Rows, class A>
+void value_tile(const A* p, const A* v, std::int64_t keys, std::int64_t dp, A* const* o) {
+  const std::int64_t col = accumulate_pass<Rows, register_tile<A>::vectors>(p, v, keys, dp, o, 0);
+  accumulate_pass<Rows, 1>(p, v, keys, dp, o, col);
+}
+
+/// Online softmax over one chunk for one row: masks keys at or past `valid`, turns scores into
+/// probabilities relative to the new running max, and rescales the row's running state.
+template <class A>
+void softmax_chunk(A* s, std::int64_t valid, A scale, A& m, A& l, A* o, std::int64_t dp) {
+  using tile = register_tile<A>;
+  using batch = typename tile::batch;
+  A chunk_max = -std::numeric_limits<A>::infinity();
+  for (std::int64_t t = 0; t < tile::chunk_keys; ++t) {
+    s[t] = t < valid ? s[t] * scale : -std::numeric_limits<A>::infinity();
+    chunk_max = std::max(chunk_max, s[t]);
+  }
+  const A new_max = std::max(m, chunk_max);
+  const batch shift(new_max);
+  batch sum(A(0));
+  for (int v = 0; v < tile::vectors; ++v) {
+    const batch e = xsimd::exp(batch::load_aligned(s + v * tile::width) - shift);
+    e.store_aligned(s + v * tile::width);
+    sum += e;
+  }
+  const A alpha = std::exp(m - new_max);  // 0 on the first chunk (m = -inf)
+  l = l * alpha + xsimd::hadd(sum);
+  m = new_max;
+  if (alpha != A(1)) {
+    const batch a(alpha);
+    for (std::int64_t c = 0; c < dp; c += tile::width) (batch::load_aligned(o + c) * a).store_aligned(o + c);
+  }
+}
+
+/// Runs `f(std::integral_constant<int, R>)` for R = `rows` (1 ... register_tile rows).
+template <class A, class F>
+void with_rows(std::int64_t rows, F&& f) {
+  static_assert(register_tile<A>::rows == 4 || register_tile<A>::rows == 2);
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: if constexpr (register_tile<A>::rows == 4) return f(std::integral_constant<int, 3>{});
+      break;
+    case 4: if constexpr (register_tile<A>::rows == 4) return f(std::integral_constant<int, 4>{});
+      break;
+  }
+}
+
+/// One work item: query tokens [i0, i1) of sequence `seq`, every query head of kv head `kv`.
+/// `means` holds the sequence's key-block means for this kv head, [blocks, Dp] in the compute type.
+template <class T, class A>
+void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64_t kv, std::int64_t i0,
+              std::int64_t i1, const A* means, tile_workspace<A>& w) {
+  using tile = register_tile<A>;
+  constexpr A neg_inf = -std::numeric_limits<A>::infinity();
+  const std::int64_t group = p.q_heads / p.kv_heads, d = p.head_dim, dp = padded_dim<A>(d);
+  const std::int64_t rows = (i1 - i0) * group, block = p.block_size;
+  const std::int64_t top = p.full ? core::block_count(seq.k_len, block) : p.top_k;  // selection width bound
+
+  grow(w.q, rows * dp);
+  grow(w.o, rows * dp);
+  grow(w.m, rows);
+  grow(w.l, rows);
+  grow(w.pos, rows);
+  grow(w.selection, rows * top);
+  grow(w.count, rows);
+  grow(w.score_scratch, top);
+  grow(w.chunk_rows, rows);
+  grow(w.key_row, dp);
+  grow(w.k_packed, dp * tile::chunk_keys);
+  grow(w.v_chunk, tile::chunk_keys * dp);
+  grow(w.scores, tile::rows * tile::chunk_keys);
+
+  // Rows are (token, head) pairs, token-major: row r is token i0 + r / group, head kv*group + r % group.
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t i = i0 + r / group, h = kv * group + r % group;
+    widen_row<A>(&p.q(seq.batch, seq.q_start + i, h, 0), w.q.data() + r * dp, d, dp);
+    std::fill_n(w.o.data() + r * dp, dp, A(0));
+    w.m[r] = neg_inf;
+    w.l[r] = A(0);
+    w.pos[r] = seq.pos(i);
+  }
+
+  // Gate (SPEC §Blocks): top (K−1) past blocks by q·kbar, plus the current block, ascending.
+  const std::int64_t last_block = core::current_block(w.pos[rows - 1], block);
+  grow(w.block_start, last_block + 2);
+  std::fill_n(w.block_start.data(), last_block + 2, 0);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t c = core::current_block(w.pos[r], block), want = core::history_count(c, p.top_k, p.full);
+    std::int64_t* sel = w.selection.data() + r * top;
+    if (p.full) {
+      for (std::int64_t j = 0; j < c; ++j) sel[j] = j;
+    } else {
+      core::top_n<A> best{sel, w.score_scratch.data(), want};
+      const A* q = w.q.data() + r * dp;
+      for (std::int64_t j = 0; j < c; ++j) {
+        xsimd::batch<A> acc(A(0));
+        for (std::int64_t x = 0; x < dp; x += tile::width)
+          acc = xsimd::fma(xsimd::batch<A>::load_aligned(q + x), xsimd::batch<A>::load_aligned(means + j * dp + x), acc);
+        best.offer(xsimd::hadd(acc), j);
+      }
+      core::sort_ascending(sel, want);
+    }
+    sel[want] = c;
+    w.count[r] = want + 1;
+    for (std::int64_t x = 0; x <= want; ++x) ++w.block_start[sel[x] + 1];
+  }
+  // Group rows by block (counting sort): block j's rows are block_rows[block_start[j], block_start[j+1]).
+  for (std::int64_t j = 0; j <= last_block; ++j) w.block_start[j + 1] += w.block_start[j];
+  grow(w.block_rows, w.block_start[last_block + 1]);
+  {
+    std::vector<std::int64_t>& fill = w.chunk_rows;  // reused as per-block cursors
+    grow(fill, last_block + 1);
+    std::copy_n(w.block_start.data(), last_block + 1, fill.data());
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t x = 0; x < w.count[r]; ++x) w.block_rows[fill[w.selection[r * top + x]]++] = r;
+    grow(w.chunk_rows, rows);
+  }
+
+  const A scale = static_cast<A>(p.softmax_scale);
+  const A* rows_q[tile::rows];
+  A* rows_o[tile::rows];
+  for (std::int64_t j = 0; j <= last_block; ++j) {
+    const std::int64_t first = w.block_start[j], last = w.block_start[j + 1];
+    if (first == last) continue;
+    const std::int64_t end = std::min(core::block_end(j, block, seq.k_len), w.pos[w.block_rows[last - 1]] + 1);
+    for (std::int64_t t0 = core::block_begin(j, block); t0 < end; t0 += tile::chunk_keys) {
+      const std::int64_t keys = std::min<std::int64_t>(tile::chunk_keys, end - t0);
+      // Pack the chunk: keys transposed to [Dp, chunk] and values to [chunk, Dp], zero-padded.
+      std::fill_n(w.k_packed.data(), dp * tile::chunk_keys, A(0));
+      for (std::int64_t t = 0; t < keys; ++t) {
+        A* vrow = w.v_chunk.data() + t * dp;
+        widen_row<A>(&p.v(seq.batch, seq.k_start + t0 + t, kv, 0), vrow, d, dp);
+        widen_row<A>(&p.k(seq.batch, seq.k_start + t0 + t, kv, 0), w.key_row.data(), d, d);
+        for (std::int64_t x = 0; x < d; ++x) w.k_packed[x * tile::chunk_keys + t] = w.key_row[x];
+      }
+      // Rows that see at least one key of this chunk (a current-block row stops at its own position).
+      std::int64_t n = 0;
+      for (std::int64_t x = first; x < last; ++x) {
+        const std::int64_t r = w.block_rows[x];
+        if (w.pos[r] >= t0) w.chunk_rows[n++] = r;
+      }
+      for (std::int64_t x = 0; x < n; x += tile::rows) {
+        const std::int64_t count = std::min<std::int64_t>(tile::rows, n - x);
+        for (std::int64_t y = 0; y < count; ++y) {
+          rows_q[y] = w.q.data() + w.chunk_rows[x + y] * dp;
+          rows_o[y] = w.o.data() + w.chunk_rows[x + y] * dp;
+        }
+        with_rows<A>(count, [&](auto r) {
+          score_tile<decltype(r)::value>(rows_q, w.k_packed.data(), dp, w.scores.data());
+          for (std::int64_t y = 0; y < count; ++y) {
+            const std::int64_t row = w.chunk_rows[x + y];
+            const std::int64_t valid = std::min(keys, w.pos[row] - t0 + 1);
+            softmax_chunk(w.scores.data() + y * tile::chunk_keys, valid, scale, w.m[row], w.l[row], rows_o[y], dp);
+          }
+          value_tile<decltype(r)::value>(w.scores.data(), w.v_chunk.data(), keys, dp, rows_o);
+        });
+      }
+    }
+  }
+
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t t = seq.q_start + i0 + r / group, h = kv * group + r % group;
+    const A inv = A(1) / w.l[r];
+    A* o = w.o.data() + r * dp;
+    for (std::int64_t x = 0; x < d; ++x) o[x] *= inv;
+    narrow_row<T>(o, &p.out(seq.batch, t, h, 0), d);
+    if (p.lse.given()) p.lse(seq.batch, t, h) = static_cast<accum_t<T>>(w.m[r] + std::log(w.l[r]));
+    if (p.selected.given()) {
+      for (std::int64_t x = 0; x < p.selected.extent[3]; ++x)
+        p.selected(seq.batch, t, h, x) = x < w.count[r] ? static_cast<std::int32_t>(w.selection[r * top + x]) : -1;
+    }
+  }
+}
+
+}  // namespace moba::backends::cpu

@@ -1,0 +1,45 @@
+// SPDX-License-Identifier: MIT
+/// @file Widening rows of any dtype to the compute type; the only intrinsics of the CPU backend.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <moba/dtype.hpp>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace moba::backends::cpu {
+
+/// dst[0, n) = src[0, n) widened to A; dst[n, padded) = 0.
+template <class A, class T>
+void widen_row(const T* src, A* dst, std::int64_t n, std::int64_t padded) {
+  std::int64_t i = 0;
+  if constexpr (std::is_same_v<T, A>) {
+    for (; i < n; ++i) dst[i] = src[i];
+  } else if constexpr (std::is_same_v<T, bfloat16> && std::is_same_v<A, float>) {
+    for (; i < n; ++i) dst[i] = detail::bits_float(std::uint32_t{src[i].bits} << 16);  // vectorises as a shift
+  } else if constexpr (std::is_same_v<T, float16> && std::is_same_v<A, float>) {
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {
+    for (; i < n; ++i) dst[i] = static_cast<A>(static_cast<double>(src[i]));
+  }
+  for (; i < padded; ++i) dst[i] = A(0);
+}
+
+/// dst[0, n) = src rounded to T (round to nearest even).
+template <class T, class A>
+void narrow_row(const A* src, T* dst, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+}  // namespace moba::backends::cpu

@@ -1,0 +1,37 @@
+// SPDX-License-Identifier: MIT
+/// @file Tile shapes of the CPU kernel, chosen at compile time from the SIMD width.
+#pragma once
+
+#include <cstdint>
+
+#include <xsimd/xsimd.hpp>
+
+namespace moba::backends::cpu {
+
+/// The register tile of both matrix products: `rows` query rows × `vectors` SIMD vectors.
+/// 16 accumulators fit the 32 registers of AVX-512 and NEON; the 16 of SSE/AVX2 take 2 rows.
+template <class A>
+struct register_tile {
+  using batch = xsimd::batch<A>;
+  static constexpr int width = static_cast<int>(batch::size);
+  static constexpr int vectors = 4;
+  static constexpr int rows = sizeof(batch) >= 64 || XSIMD_WITH_NEON64 ? 4 : 2;
+  /// Keys per chunk of a key block: one register tile of scores per row.
+  static constexpr int chunk_keys = vectors * width;
+};
+
+/// Query tokens per work item: whole blocks when they are small, at most 512 (a tile this long shares
+/// its current block and reuses each packed key chunk across many rows).
+inline std::int64_t query_tile_tokens(std::int64_t block_size) {
+  if (block_size >= 512) return 512;
+  return block_size * ((64 + block_size - 1) / block_size);
+}
+
+/// Head dim rounded up to whole SIMD vectors; the padding lanes hold zeros.
+template <class A>
+std::int64_t padded_dim(std::int64_t d) {
+  constexpr std::int64_t w = register_tile<A>::width;
+  return (d + w - 1) / w * w;
+}
+
+}  // namespace moba::backends::cpu
