@@ -77,16 +77,23 @@ template <class A>
 void softmax_chunk(A* s, std::int64_t valid, A scale, A& m, A& l, A* o, std::int64_t dp) {
   using tile = register_tile<A>;
   using batch = typename tile::batch;
-  A chunk_max = -std::numeric_limits<A>::infinity();
-  for (std::int64_t t = 0; t < tile::chunk_keys; ++t) {
-    s[t] = t < valid ? s[t] * scale : -std::numeric_limits<A>::infinity();
-    chunk_max = std::max(chunk_max, s[t]);
+  const batch neg_inf(-std::numeric_limits<A>::infinity()), limit(static_cast<A>(valid));
+  alignas(sizeof(batch)) A lane[tile::width];
+  for (int x = 0; x < tile::width; ++x) lane[x] = static_cast<A>(x);
+  const batch iota = batch::load_aligned(lane);
+  batch scores[tile::vectors], top = neg_inf;
+  for (int v = 0; v < tile::vectors; ++v) {
+    const batch index = iota + batch(static_cast<A>(v * tile::width));
+    scores[v] = xsimd::select(index < limit, batch::load_aligned(s + v * tile::width) * batch(scale), neg_inf);
+    top = xsimd::max(top, scores[v]);
   }
+  top.store_aligned(lane);
+  A chunk_max = lane[0];
+  for (int x = 1; x < tile::width; ++x) chunk_max = std::max(chunk_max, lane[x]);
   const A new_max = std::max(m, chunk_max);
-  const batch shift(new_max);
   batch sum(A(0));
   for (int v = 0; v < tile::vectors; ++v) {
-    const batch e = xsimd::exp(batch::load_aligned(s + v * tile::width) - shift);
+    const batch e = xsimd::exp(scores[v] - batch(new_max));
     e.store_aligned(s + v * tile::width);
     sum += e;
   }
@@ -193,8 +200,9 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
     const std::int64_t end = std::min(core::block_end(j, block, seq.k_len), w.pos[w.block_rows[last - 1]] + 1);
     for (std::int64_t t0 = core::block_begin(j, block); t0 < end; t0 += tile::chunk_keys) {
       const std::int64_t keys = std::min<std::int64_t>(tile::chunk_keys, end - t0);
-      // Pack the chunk: keys transposed to [Dp, chunk] and values to [chunk, Dp], zero-padded.
-      std::fill_n(w.k_packed.data(), dp * tile::chunk_keys, A(0));
+      // Pack the chunk: keys transposed to [Dp, chunk] and values to [chunk, Dp]. Padding columns
+      // (keys past the chunk's end) only meet masked scores; padding rows (Dp > D) must be zero.
+      if (keys < tile::chunk_keys || dp > d) std::fill_n(w.k_packed.data(), dp * tile::chunk_keys, A(0));
       for (std::int64_t t = 0; t < keys; ++t) {
         A* vrow = w.v_chunk.data() + t * dp;
         widen_row<A>(&p.v(seq.batch, seq.k_start + t0 + t, kv, 0), vrow, d, dp);

@@ -20,11 +20,12 @@ struct register_tile {
   static constexpr int chunk_keys = vectors * width;
 };
 
-/// Query tokens per work item: whole blocks when they are small, at most 512 (a tile this long shares
-/// its current block and reuses each packed key chunk across many rows).
+/// Query tokens per work item: whole blocks, about 4096. Every key chunk a tile visits is packed once
+/// for all the tile's rows that selected its block, so long tiles amortise the packing; the tile's
+/// queries and running outputs (2 × 4096 × Dp values) stay in the per-thread workspace.
 inline std::int64_t query_tile_tokens(std::int64_t block_size) {
-  if (block_size >= 512) return 512;
-  return block_size * ((64 + block_size - 1) / block_size);
+  constexpr std::int64_t target = 4096;
+  return block_size >= target ? target : block_size * (target / block_size);
 }
 
 /// Head dim rounded up to whole SIMD vectors; the padding lanes hold zeros.
