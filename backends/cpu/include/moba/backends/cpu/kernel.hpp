@@ -30,7 +30,10 @@ void score_tile(const A* const* q, const A* kT, std::int64_t dp, A* s) {
     for (auto& a : row) a = batch(A(0));
   for (std::int64_t d = 0; d < dp; ++d) {
     batch k[tile::vectors];
-    for (int v = 0; v < tile::vectors; ++v) k[v] = batch::load_aligned(kT + d * tile::chunk_keys + v * tile::width);
+    for (int v = 0; v < tile::vectors; ++v) {
+      k[v] = batch::load_aligned(kT + d * tile::chunk_keys + v * tile::width);
+      keep_in_register(k[v]);
+    }
     for (int r = 0; r < Rows; ++r) {
       const batch qd(q[r][d]);
       for (int v = 0; v < tile::vectors; ++v) acc[r][v] = xsimd::fma(qd, k[v], acc[r][v]);
@@ -53,7 +56,10 @@ std::int64_t accumulate_pass(const A* p, const A* v, std::int64_t keys, std::int
       for (int x = 0; x < Vectors; ++x) acc[r][x] = batch::load_aligned(o[r] + col + x * tile::width);
     for (std::int64_t t = 0; t < keys; ++t) {
       batch vt[Vectors];
-      for (int x = 0; x < Vectors; ++x) vt[x] = batch::load_aligned(v + t * dp + col + x * tile::width);
+      for (int x = 0; x < Vectors; ++x) {
+        vt[x] = batch::load_aligned(v + t * dp + col + x * tile::width);
+        keep_in_register(vt[x]);
+      }
       for (int r = 0; r < Rows; ++r) {
         const batch pt(p[r * tile::chunk_keys + t]);
         for (int x = 0; x < Vectors; ++x) acc[r][x] = xsimd::fma(pt, vt[x], acc[r][x]);

@@ -13,6 +13,19 @@
 
 namespace moba::backends::cpu {
 
+/// Keeps a loaded vector in a register. Without it GCC folds the load into each FMA that uses it, so a
+/// register tile of R rows loads every shared vector R times and becomes load-bound.
+template <class Batch>
+inline void keep_in_register(Batch& x) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+v"(x.data));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  asm("" : "+w"(x.data));
+#else
+  (void)x;
+#endif
+}
+
 /// dst[0, n) = src[0, n) widened to A; dst[n, padded) = 0.
 template <class A, class T>
 void widen_row(const T* src, A* dst, std::int64_t n, std::int64_t padded) {
