@@ -8,13 +8,10 @@
 #include <string>
 #include <vector>
 
-#include <oneapi/tbb/enumerable_thread_specific.h>
-#include <oneapi/tbb/parallel_for.h>
-#include <oneapi/tbb/task_arena.h>
-
 #include <moba/attention.hpp>
 #include <moba/backends/cpu/kernel.hpp>
 #include <moba/backends/cpu/simd.hpp>
+#include <moba/backends/cpu/threads.hpp>
 #include <moba/backends/cpu/tiling.hpp>
 #include <moba/backends/cpu/workspace.hpp>
 #include <moba/core/blocks.hpp>
@@ -40,7 +37,7 @@ struct forward_state {
   std::vector<work_item> items;
   std::vector<std::int64_t> means_offset;  // per (sequence, kv head), into means
   aligned_vector<A> means;
-  tbb::enumerable_thread_specific<tile_workspace<A>> scratch;
+  per_thread<tile_workspace<A>> scratch;
 };
 
 template <class T, class A>
@@ -53,7 +50,7 @@ void forward(const core::fwd_params<T>& p, forward_state<A>& state) {
       state.means_offset[s * p.kv_heads + kv + 1] =
           state.means_offset[s * p.kv_heads + kv] + core::block_count(p.seqs[s].k_len, block) * dp;
   grow(state.means, state.means_offset.back());
-  tbb::parallel_for(std::int64_t{0}, p.seqs.count * p.kv_heads, [&](std::int64_t item) {
+  parallel_for_each(p.seqs.count * p.kv_heads, [&](std::int64_t item) {
     const std::int64_t s = item / p.kv_heads, kv = item % p.kv_heads;
     const sequence_info seq = p.seqs[s];
     if (seq.q_len == 0) return;
@@ -85,17 +82,11 @@ void forward(const core::fwd_params<T>& p, forward_state<A>& state) {
     }
   }
   std::sort(state.items.begin(), state.items.end(), [](const work_item& a, const work_item& b) { return a.cost > b.cost; });
-  tbb::parallel_for(
-      tbb::blocked_range<std::size_t>(0, state.items.size(), 1),
-      [&](const tbb::blocked_range<std::size_t>& range) {
-        for (std::size_t x = range.begin(); x != range.end(); ++x) {
-          const work_item& item = state.items[x];
-          run_tile<T, A>(p, p.seqs[item.seq], item.kv, item.i0, item.i1,
-                         state.means.data() + state.means_offset[item.seq * p.kv_heads + item.kv],
-                         state.scratch.local());
-        }
-      },
-      tbb::simple_partitioner());
+  parallel_for_each(static_cast<std::int64_t>(state.items.size()), [&](std::int64_t x) {
+    const work_item& item = state.items[x];
+    run_tile<T, A>(p, p.seqs[item.seq], item.kv, item.i0, item.i1,
+                   state.means.data() + state.means_offset[item.seq * p.kv_heads + item.kv], state.scratch.local());
+  });
 }
 
 }  // namespace moba::backends::cpu
@@ -107,15 +98,14 @@ struct backend_impl<cpu, Dtype> {
   static constexpr const char* name = "moba::cpu";
   backends::cpu::options opts;
   backends::cpu::forward_state<accum_t<Dtype>> state;
-  tbb::task_arena arena;
+  backends::cpu::thread_pool pool;
 
-  explicit backend_impl(const config&, backends::cpu::options o = {})
-      : opts(o), arena(o.threads > 0 ? o.threads : tbb::task_arena::automatic) {}
+  explicit backend_impl(const config&, backends::cpu::options o = {}) : opts(o), pool(o.threads) {}
   static bool supports_head_dim(std::int64_t) { return true; }
   static std::string head_dims() { return "any"; }
   void check(const core::problem<Dtype>&) const {}
   void forward(const core::fwd_params<Dtype>& p) {
-    arena.execute([&] { backends::cpu::forward(p, state); });
+    pool.run([&] { backends::cpu::forward(p, state); });
   }
 };
 
