@@ -1,0 +1,253 @@
+// SPDX-License-Identifier: MIT
+/// @file moba::cuda: backend_impl<cuda, Dtype> (bf16/f16 on tensor cores, float on CUDA cores): the
+/// workspace, the per-call sequence table upload and the launches. The only CUDA-runtime caller.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <moba/attention.hpp>
+#include <moba/backends/cuda/attention.cuh>
+#include <moba/backends/cuda/check.hpp>
+#include <moba/backends/cuda/gate.cuh>
+#include <moba/backends/cuda/sequences.hpp>
+#include <moba/backends/cuda/tile_size.hpp>
+#include <moba/core/dispatch.hpp>
+#include <moba/core/params.hpp>
+
+namespace moba::backends::cuda {
+
+static_assert(tile_rows == gate_rows, "the gate and the dense kernel share the sequence table's tile offsets");
+
+/// Where each part of the device workspace lies (byte offsets, 256-aligned) for one call.
+struct workspace_layout {
+  std::int64_t table = 0, kbar = 0, sel = 0, scratch = 0, total = 0;
+  std::int64_t slot_bytes = 0, slots = 0, max_blocks = 0, sel_width = 0;
+};
+
+inline std::int64_t align256(std::int64_t n) { return (n + 255) / 256 * 256; }
+
+/// The sequence table of a call, and the layout of the workspace it needs.
+template <class T>
+workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* table, int multiprocessors) {
+  std::vector<sequence_desc> local;
+  std::vector<sequence_desc>& tab = table ? *table : local;
+  tab.assign(p.seqs.count + 1, {});
+  std::int64_t max_blocks = 1;
+  for (std::int64_t s = 0; s < p.seqs.count; ++s) {
+    const sequence_info seq = p.seqs[s];
+    const std::int64_t blocks = core::block_count(seq.k_len, p.block_size);
+    tab[s].seq = seq;
+    tab[s + 1].block_offset = tab[s].block_offset + blocks;
+    tab[s + 1].tile_offset = tab[s].tile_offset + (seq.q_len + tile_rows - 1) / tile_rows;
+    tab[s + 1].range_offset = tab[s].range_offset + (seq.q_len + range_rows - 1) / range_rows;
+    tab[s + 1].row_offset = tab[s].row_offset + seq.q_len;
+    max_blocks = std::max(max_blocks, blocks);
+  }
+  const sequence_desc& totals = tab[p.seqs.count];
+  workspace_layout w;
+  w.max_blocks = max_blocks;
+  std::int64_t at = align256(static_cast<std::int64_t>(tab.size() * sizeof(sequence_desc)));
+  if (!p.full) {
+    w.kbar = at;
+    at += align256(totals.block_offset * p.kv_heads * p.head_dim * 4);
+    w.sel = at;
+    w.sel_width = p.top_k;
+    at += align256(totals.row_offset * p.q_heads * p.top_k * 4);
+    if constexpr (!std::is_same_v<T, float>) {
+      w.scratch = at;
+      w.slot_bytes = sparse_scratch::bytes(p.head_dim, max_blocks, p.top_k);
+      w.slots = std::min<std::int64_t>(totals.range_offset * p.q_heads, 2 * static_cast<std::int64_t>(multiprocessors));
+      at += w.slot_bytes * w.slots;
+    }
+  }
+  w.total = at;
+  return w;
+}
+
+inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+}  // namespace moba::backends::cuda
+
+namespace moba {
+
+/// The CUDA backend. Construct through `moba::attention<moba::cuda, Dtype> attn(cfg, stream)`.
+/// Tensors are device pointers; cu_seqlens stay host arrays (the validator reads them), and the
+/// per-sequence table built from them is uploaded on `stream` through a pinned staging buffer.
+/// Work is enqueued on `stream` without synchronising the device; growing the owned workspace
+/// uses stream-ordered cudaMallocAsync/cudaFreeAsync. Errors throw moba::device_error.
+template <class Dtype>
+struct backend_impl<cuda, Dtype> {
+  static constexpr const char* name = "moba::cuda";
+  using head_dim_list = core::head_dim_list<64, 128>;
+  static constexpr bool tensor_cores = !std::is_same_v<Dtype, float>;
+
+  explicit backend_impl(const config&, cudaStream_t stream = nullptr) : stream_(stream) {
+    int device = 0;
+    MOBA_CUDA_CHECK(cudaGetDevice(&device));
+    MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors_, cudaDevAttrMultiProcessorCount, device));
+    MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major_, cudaDevAttrComputeCapabilityMajor, device));
+    MOBA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
+  }
+  backend_impl(const backend_impl&) = delete;
+  backend_impl& operator=(const backend_impl&) = delete;
+  ~backend_impl() {
+    if (owned_ != nullptr) cudaFreeAsync(owned_, stream_);
+    if (staging_ != nullptr) {
+      cudaEventSynchronize(staged_);
+      cudaFreeHost(staging_);
+    }
+    cudaEventDestroy(staged_);
+  }
+
+  static bool supports_head_dim(std::int64_t d) { return head_dim_list::contains(d); }
+  static std::string head_dims() { return head_dim_list::describe(); }
+
+  cudaStream_t stream() const { return stream_; }
+  void set_stream(cudaStream_t s) { stream_ = s; }
+
+  /// Device workspace bytes a forward call with these parameters needs (sequence table, block means,
+  /// selections, and the sparse kernel's per-CTA scratch).
+  std::int64_t workspace_size(const core::fwd_params<Dtype>& p) const {
+    return backends::cuda::plan(p, nullptr, multiprocessors_).total;
+  }
+  /// Use caller-owned device memory (256-byte aligned) as the workspace; nullptr returns to the owned one.
+  /// A call whose workspace_size exceeds `bytes` throws moba::invalid_argument before enqueuing anything.
+  void set_workspace(void* data, std::int64_t bytes) {
+    user_ = static_cast<unsigned char*>(data);
+    user_bytes_ = bytes;
+  }
+  /// Peak device bytes the owned workspace reached (for the benchmark's extra_bytes counter).
+  std::int64_t workspace_capacity() const { return owned_bytes_; }
+
+  void check(const core::fwd_params<Dtype>& p) const {
+    detail::require(major_ >= 8 || !tensor_cores, name, " needs compute capability >= 8.0 for ", dtype_traits<Dtype>::name,
+                    "; this device has ", major_, ".x");
+    detail::require(p.full || p.top_k <= backends::cuda::max_top_k, name, " supports top_k <= ",
+                    backends::cuda::max_top_k, " in sparse mode; got ", p.top_k);
+    if constexpr (tensor_cores) {
+      // 16-byte vector loads of q, k, v rows.
+      auto aligned = [](const auto& v, const char* what) {
+        const bool ok = reinterpret_cast<std::uintptr_t>(v.data) % 16 == 0 && v.stride[0] % 8 == 0 &&
+                        v.stride[1] % 8 == 0 && v.stride[2] % 8 == 0;
+        detail::require(ok, name, " needs ", what, " 16-byte aligned with strides that are multiples of 8 elements; got ",
+                        static_cast<const void*>(v.data), " and strides ", v.stride[0], ", ", v.stride[1], ", ", v.stride[2]);
+      };
+      aligned(p.q, "q");
+      aligned(p.k, "k");
+      aligned(p.v, "v");
+    }
+    if (user_ != nullptr) {
+      const std::int64_t need = workspace_size(p);
+      detail::require(need <= user_bytes_, name, " workspace of ", user_bytes_, " bytes is too small: this call needs ", need);
+    }
+  }
+
+  void forward(const core::fwd_params<Dtype>& p) {
+    namespace c = backends::cuda;
+    const c::workspace_layout w = c::plan(p, &table_, multiprocessors_);
+    const c::sequence_desc& totals = table_[p.seqs.count];
+    if (totals.row_offset == 0) return;
+    unsigned char* ws = workspace(w.total);
+
+    // Upload the sequence table through pinned memory; wait only for the previous call's copy from it.
+    const std::size_t table_bytes = table_.size() * sizeof(c::sequence_desc);
+    if (table_bytes > staging_bytes_) {
+      MOBA_CUDA_CHECK(cudaEventSynchronize(staged_));
+      if (staging_ != nullptr) MOBA_CUDA_CHECK(cudaFreeHost(staging_));
+      staging_ = nullptr;
+      MOBA_CUDA_CHECK(cudaMallocHost(&staging_, table_bytes));
+      staging_bytes_ = table_bytes;
+    }
+    MOBA_CUDA_CHECK(cudaEventSynchronize(staged_));
+    std::memcpy(staging_, table_.data(), table_bytes);
+    auto* table = reinterpret_cast<c::sequence_desc*>(ws + w.table);
+    MOBA_CUDA_CHECK(cudaMemcpyAsync(table, staging_, table_bytes, cudaMemcpyHostToDevice, stream_));
+    MOBA_CUDA_CHECK(cudaEventRecord(staged_, stream_));
+
+    const auto q_heads = static_cast<unsigned>(p.q_heads);
+    std::int32_t* sel = nullptr;
+    if (!p.full) {
+      auto* kbar = reinterpret_cast<float*>(ws + w.kbar);
+      sel = reinterpret_cast<std::int32_t*>(ws + w.sel);
+      c::block_means_kernel<Dtype><<<dim3(grid(totals.block_offset), static_cast<unsigned>(p.kv_heads)), 256, 0, stream_>>>(p, table, kbar);
+      c::check_launch("block_means_kernel");
+      const std::size_t gate_smem = (c::gate_rows + c::gate_tile_blocks) * (p.head_dim + 1) * sizeof(float);
+      MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(gate_smem)));
+      c::gate_kernel<Dtype><<<dim3(grid(totals.tile_offset), q_heads), c::gate_threads, gate_smem, stream_>>>(p, table, kbar, sel);
+      c::check_launch("gate_kernel");
+    } else if (p.selected.given()) {
+      c::full_selection_kernel<Dtype><<<dim3(grid((totals.row_offset + 127) / 128), q_heads), 128, 0, stream_>>>(p, table);
+      c::check_launch("full_selection_kernel");
+    }
+
+    const float scale = static_cast<float>(p.softmax_scale);
+    if constexpr (!tensor_cores) {
+      const std::int64_t warps = totals.row_offset * p.q_heads;
+      c::simt_kernel<Dtype><<<grid((warps + 3) / 4), 128, 0, stream_>>>(p, table, sel, scale);
+      c::check_launch("simt_kernel");
+    } else {
+      const float scale_log2 = scale * 1.4426950408889634f;
+      core::with_head_dim(
+          head_dim_list{}, p.head_dim,
+          [&](auto dim) {
+            constexpr int D = decltype(dim)::value;
+            constexpr int smem = sizeof(c::attention_smem<Dtype, D>);
+            if (p.full) {
+              MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::dense_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+              c::dense_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(
+                  p, table, scale_log2);
+              c::check_launch("dense_kernel");
+            } else {
+              MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::sparse_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+              c::sparse_kernel<Dtype, D><<<grid(w.slots), c::attention_threads, smem, stream_>>>(
+                  p, table, sel, ws + w.scratch, w.slot_bytes, w.max_blocks, scale_log2);
+              c::check_launch("sparse_kernel");
+            }
+          },
+          [] {});
+    }
+  }
+
+ private:
+  static unsigned grid(std::int64_t n) {
+    detail::require(n < (std::int64_t{1} << 31), "moba::cuda: grid of ", n, " blocks is too large");
+    return static_cast<unsigned>(n);
+  }
+
+  /// The caller's workspace, or the owned one grown (stream-ordered, no device sync) to `bytes`.
+  unsigned char* workspace(std::int64_t bytes) {
+    if (user_ != nullptr) return user_;
+    if (bytes > owned_bytes_) {
+      if (owned_ != nullptr) MOBA_CUDA_CHECK(cudaFreeAsync(owned_, stream_));
+      owned_ = nullptr;
+      void* fresh = nullptr;
+      MOBA_CUDA_CHECK(cudaMallocAsync(&fresh, static_cast<std::size_t>(bytes), stream_));
+      owned_ = static_cast<unsigned char*>(fresh);
+      owned_bytes_ = bytes;
+    }
+    return owned_;
+  }
+
+  cudaStream_t stream_ = nullptr;
+  int multiprocessors_ = 1;
+  int major_ = 0;
+  std::vector<backends::cuda::sequence_desc> table_;
+  unsigned char* owned_ = nullptr;
+  std::int64_t owned_bytes_ = 0;
+  unsigned char* user_ = nullptr;
+  std::int64_t user_bytes_ = 0;
+  void* staging_ = nullptr;
+  std::size_t staging_bytes_ = 0;
+  cudaEvent_t staged_ = nullptr;
+};
+
+}  // namespace moba
