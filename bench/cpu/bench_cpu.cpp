@@ -108,8 +108,9 @@ int main(int argc, char** argv) {
   }
   const std::int64_t h = 8, d = 128, k = 3;
   for (std::int64_t n : {8192, 32768}) {
-    for (std::int64_t b : {std::int64_t{512}, n / 64}) {
-      if (n == 32768 && b == n / 64) continue;  // B = N/64 = 512: the same case
+    std::vector<std::int64_t> blocks{512};
+    if (n / 64 != 512) blocks.push_back(n / 64);  // at N = 32768, B = N/64 is B = 512
+    for (std::int64_t b : blocks) {
       for (int t : {1, 2}) {
         const std::string shape = "/N=" + std::to_string(n) + "/H=8/D=128/B=" + std::to_string(b) + "/K=3/T=" + std::to_string(t);
         benchmark::RegisterBenchmark(("cpu/f32/sparse" + shape).c_str(), forward<float>, n, h, d, b, k, moba::mode::sparse, t)
