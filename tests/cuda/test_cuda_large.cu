@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: MIT
+/// @file moba::cuda beyond the shared suite: thousands of tokens (several query ranges, gathered
+/// tiles, many gate tiles), head dims 64 and 128, and the stream / workspace options.
+#include <doctest/doctest.h>
+
+#include "conformance/forward.hpp"
+#include "cuda/device_runner.hpp"
+
+namespace {
+
+template <class T>
+void large_cases() {
+  using moba::test::expect_matches_reference;
+  for (const std::int64_t d : {64, 128}) {
+    for (const auto& [block, top_k, full] : {std::tuple{64, 3, false}, {16, 8, false}, {128, 5, false}, {256, 3, true}}) {
+      moba::config cfg;
+      cfg.block_size = block;
+      cfg.top_k = top_k;
+      cfg.mode = full ? moba::mode::full : moba::mode::sparse;
+      // One prefill of 2500 tokens and one chunk of 1100 queries at the end of 2900 keys; GQA 4:2.
+      expect_matches_reference<moba::cuda, T>({{2500, 1100}, {2500, 2900}, 4, 2, d}, cfg);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("moba::cuda: thousands of tokens match the float64 reference (ranges, gathered tiles, many blocks)", T,
+                   float, moba::float16, moba::bfloat16) {
+  large_cases<T>();
+}
+
+TEST_CASE("moba::cuda: a caller workspace and a stream give the same result; a small workspace throws") {
+  using T = moba::bfloat16;
+  const auto t = moba::test::random_tensors<T>({{700}, {700}, 2, 1, 128}, moba::test::fresh_seed());
+  moba::config cfg;
+  cfg.block_size = 32;
+  cfg.top_k = 4;
+  const auto want = moba::test::run<moba::cuda, T>(t, cfg);
+
+  cudaStream_t stream = nullptr;
+  MOBA_CUDA_CHECK(cudaStreamCreate(&stream));
+  moba::attention<moba::cuda, T> attn(cfg, stream);
+  std::vector<T> out(t.q.size(), moba::test::poison_value<T>());
+  moba::test::device_copy q(t.q_view()), k(t.k_view()), v(t.v_view());
+  moba::test::device_copy o(moba::packed(out.data(), 700, 2, 128));
+  moba::forward_args<T> args{.q = q.view(), .k = k.view(), .v = v.view(), .out = o.view(),
+                             .cu_seqlens_q = t.cu_q, .cu_seqlens_k = t.cu_k};
+  const auto p = moba::detail::make_fwd_params<T>(attn.cfg(), args.q, args.k, args.v, args.out, args.lse,
+                                                  args.selected, args.cu_seqlens_q, args.cu_seqlens_k);
+  const std::int64_t need = attn.backend().workspace_size(p);
+  CHECK(need > 0);
+  void* ws = nullptr;
+  MOBA_CUDA_CHECK(cudaMalloc(&ws, need));
+  attn.backend().set_workspace(ws, need - 256);
+  CHECK_THROWS_AS(attn.forward(args), std::invalid_argument);
+  attn.backend().set_workspace(ws, need);
+  attn.forward(args);
+  MOBA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  o.copy_back();
+  CHECK(moba::test::rel_error(out, want.out) == 0.0);  // same kernels, same inputs: bitwise equal
+  MOBA_CUDA_CHECK(cudaFree(ws));
+  MOBA_CUDA_CHECK(cudaStreamDestroy(stream));
+}
