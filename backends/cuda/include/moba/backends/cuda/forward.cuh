@@ -126,6 +126,12 @@ struct backend_impl<cuda, Dtype> {
   }
   /// Peak device bytes the owned workspace reached (for the benchmark's extra_bytes counter).
   std::int64_t workspace_capacity() const { return owned_bytes_; }
+  /// Optional events recorded on the stream before the gate (block means) and after it (top-k), so
+  /// that a caller can time the gating share of a call. Null (the default) records nothing.
+  void set_gate_events(cudaEvent_t before, cudaEvent_t after) {
+    gate_before_ = before;
+    gate_after_ = after;
+  }
 
   void check(const core::fwd_params<Dtype>& p) const {
     detail::require(major_ >= 8 || !tensor_cores, name, " needs compute capability >= 8.0 for ", dtype_traits<Dtype>::name,
@@ -177,6 +183,7 @@ struct backend_impl<cuda, Dtype> {
     if (!p.full) {
       auto* kbar = reinterpret_cast<float*>(ws + w.kbar);
       sel = reinterpret_cast<std::int32_t*>(ws + w.sel);
+      if (gate_before_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_before_, stream_));
       c::block_means_kernel<Dtype><<<dim3(grid(totals.block_offset), static_cast<unsigned>(p.kv_heads)), 256, 0, stream_>>>(p, table, kbar);
       c::check_launch("block_means_kernel");
       const std::size_t gate_smem = (c::gate_rows + c::gate_tile_blocks) * (p.head_dim + 1) * sizeof(float);
@@ -184,6 +191,7 @@ struct backend_impl<cuda, Dtype> {
                                            static_cast<int>(gate_smem)));
       c::gate_kernel<Dtype><<<dim3(grid(totals.tile_offset), q_heads), c::gate_threads, gate_smem, stream_>>>(p, table, kbar, sel);
       c::check_launch("gate_kernel");
+      if (gate_after_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_after_, stream_));
     } else if (p.selected.given()) {
       c::full_selection_kernel<Dtype><<<dim3(grid((totals.row_offset + 127) / 128), q_heads), 128, 0, stream_>>>(p, table);
       c::check_launch("full_selection_kernel");
@@ -248,6 +256,7 @@ struct backend_impl<cuda, Dtype> {
   void* staging_ = nullptr;
   std::size_t staging_bytes_ = 0;
   cudaEvent_t staged_ = nullptr;
+  cudaEvent_t gate_before_ = nullptr, gate_after_ = nullptr;
 };
 
 }  // namespace moba

@@ -1,0 +1,135 @@
+// SPDX-License-Identifier: MIT
+/// @file moba_bench_cuda: forward time of moba::cuda at the configs of issue 5 (H = 16, D = 128, batch 1).
+/// Manual time from CUDA events around each call, warm-up first, 20 repetitions (read the median),
+/// two input sets used in turn so that L2 never holds the inputs of the timed call. Counters:
+/// flops (attended-pair FLOPs per second, core/flops.hpp), gating_ms (block means + top-k, events
+/// recorded by the backend), extra_bytes (the backend's device workspace).
+#include <benchmark/benchmark.h>
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <moba/backends/cuda/forward.cuh>
+#include <moba/core/flops.hpp>
+#include <moba/moba.hpp>
+
+namespace {
+
+using moba::backends::cuda::check;
+
+/// Normal(0, 1) bf16 values generated on the device (fast at 512K tokens), never zero by construction
+/// of the hash: each element is a sum of four uniform draws, centred and scaled.
+template <class T>
+__global__ void fill_random(T* x, std::int64_t n, std::uint64_t seed) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    std::uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    float sum = 0;
+    for (int r = 0; r < 4; ++r) {
+      h ^= h >> 33;
+      h *= 0xff51afd7ed558ccdull;
+      h ^= h >> 29;
+      sum += static_cast<float>(h >> 40) * 0x1p-24f;
+    }
+    float v = (sum - 2.f) * 1.7320508f;  // variance of a sum of 4 U(0,1) is 1/3
+    if (v == 0.f) v = 1e-3f;
+    x[i] = moba::backends::cuda::from_float<T>(v);
+  }
+}
+
+struct device_buffer {
+  void* p = nullptr;
+  explicit device_buffer(std::size_t bytes) { check(cudaMalloc(&p, bytes), "cudaMalloc"); }
+  ~device_buffer() { cudaFree(p); }
+  template <class T>
+  T* as() const { return static_cast<T*>(p); }
+};
+
+template <class T>
+void bench_forward(benchmark::State& state, std::int64_t n, std::int64_t block, std::int64_t top_k, bool full) {
+  constexpr std::int64_t heads = 16, d = 128;
+  const std::int64_t elems = n * heads * d;
+  std::vector<std::unique_ptr<device_buffer>> sets;
+  for (int s = 0; s < 2 * 3; ++s) {
+    sets.push_back(std::make_unique<device_buffer>(elems * sizeof(T)));
+    fill_random<T><<<1024, 256>>>(sets.back()->as<T>(), elems, 0x1234567ull * (s + 1));
+  }
+  device_buffer out(elems * sizeof(T));
+  check(cudaDeviceSynchronize(), "fill_random");
+
+  moba::config cfg;
+  cfg.block_size = block;
+  cfg.top_k = top_k;
+  cfg.mode = full ? moba::mode::full : moba::mode::sparse;
+  moba::attention<moba::cuda, T> attn(cfg);
+  cudaEvent_t start, stop, gate0, gate1;
+  for (cudaEvent_t* e : {&start, &stop, &gate0, &gate1}) check(cudaEventCreate(e), "cudaEventCreate");
+  if (!full) attn.backend().set_gate_events(gate0, gate1);
+  auto args = [&](int set) {
+    return moba::forward_args<T>{.q = moba::packed<const T>(sets[3 * set]->template as<T>(), n, heads, d),
+                                 .k = moba::packed<const T>(sets[3 * set + 1]->template as<T>(), n, heads, d),
+                                 .v = moba::packed<const T>(sets[3 * set + 2]->template as<T>(), n, heads, d),
+                                 .out = moba::packed(out.as<T>(), n, heads, d)};
+  };
+  for (int w = 0; w < 2; ++w) attn.forward(args(w % 2));  // warm-up: module load, workspace growth
+  check(cudaDeviceSynchronize(), "warm-up");
+
+  int call = 0;
+  double gating_ms = 0;
+  for (auto _ : state) {
+    const auto a = args(call++ % 2);
+    check(cudaEventRecord(start), "cudaEventRecord");
+    attn.forward(a);
+    check(cudaEventRecord(stop), "cudaEventRecord");
+    check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+    if (!full) {
+      float g = 0;
+      check(cudaEventElapsedTime(&g, gate0, gate1), "cudaEventElapsedTime");
+      gating_ms += g;
+    }
+    state.SetIterationTime(ms / 1e3);
+  }
+  const double pairs = static_cast<double>(moba::core::attended_pairs(n, n, block, top_k, full)) * heads;
+  state.counters["flops"] = benchmark::Counter(moba::core::forward_flops(1, d) * pairs,
+                                               benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["gating_ms"] = gating_ms / static_cast<double>(state.iterations());
+  state.counters["extra_bytes"] = static_cast<double>(attn.backend().workspace_capacity());
+  for (cudaEvent_t e : {start, stop, gate0, gate1}) cudaEventDestroy(e);
+}
+
+void register_all() {
+  struct cfg {
+    std::int64_t n, block, top_k;
+    bool full;
+  };
+  const std::vector<cfg> configs = {{32768, 512, 3, false},   {131072, 2048, 3, false}, {524288, 8192, 3, false},
+                                    {131072, 128, 16, false}, {32768, 512, 3, true},    {131072, 2048, 3, true}};
+  for (const cfg& c : configs) {
+    const std::string name = std::string("cuda/bf16/") + (c.full ? "full" : "sparse") + "/N=" + std::to_string(c.n) +
+                             "/H=16/D=128/B=" + std::to_string(c.block) + "/K=" + std::to_string(c.top_k);
+    benchmark::RegisterBenchmark(name.c_str(), [c](benchmark::State& s) {
+      bench_forward<moba::bfloat16>(s, c.n, c.block, c.top_k, c.full);
+    })
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(1)
+        ->Repetitions(20)
+        ->ReportAggregatesOnly(true);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+}
