@@ -209,7 +209,17 @@ void with_dtype(const std::string& dtype, F&& f) {
   return f.template operator()<moba::bfloat16>();
 }
 
+#if __has_include(<moba/backends/cpu/forward.hpp>)
+constexpr bool have_cpu_backend = true;
+#else
+constexpr bool have_cpu_backend = false;
+#endif
+
 void apply_mode(settings& s) {
+  // Refuse a backend this build lacks before any work is done.
+  if (s.backend == "cuda" || (s.backend == "cpu" && !have_cpu_backend))
+    throw usage_error("moba-ref was built without the " + s.backend + " backend; use --backend reference" +
+                      (have_cpu_backend ? " or cpu" : ""));
   s.cfg.mode = s.mode == "full" ? moba::mode::full : moba::mode::sparse;
   s.cfg.softmax_scale = s.scale;
 }
