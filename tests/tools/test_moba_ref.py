@@ -79,16 +79,20 @@ class MobaRef(unittest.TestCase):
         np.testing.assert_allclose(out[i, h], (p / p.sum()) @ v[keys, h // 2], rtol=1e-12)
 
     def test_run_reproduces_generate_bit_for_bit(self):
-        for dtype in ["f64", "f32", "f16", "bf16"]:
-            d = self.generate(dtype, "--dtype", dtype, "--mode", "full")
-            r = tool("run", *(f"--{x}={os.path.join(d, x + '.npy')}" for x in "qkv"),
-                     "--cu-seqlens", os.path.join(d, "cu_seqlens.npy"), "--block-size", "16", "--top-k", "3",
-                     "--mode", "full", "--out", self.path(dtype + "-run"))
-            self.assertEqual(r.returncode, 0, r.stderr)
-            for f in ["out", "lse", "selected", "out_f64"]:
-                a = pathlib.Path(d, f + ".npy").read_bytes()
-                b = pathlib.Path(self.path(dtype + "-run", f + ".npy")).read_bytes()
-                self.assertEqual(a, b, f"{dtype} {f}")
+        for backend, mode in [("reference", "full"), ("cpu", "sparse")]:
+            for dtype in ["f64", "f32", "f16", "bf16"]:
+                name = f"{backend}-{dtype}"
+                d = self.generate(name, "--dtype", dtype, "--mode", mode, "--backend", backend)
+                r = tool("run", *(f"--{x}={os.path.join(d, x + '.npy')}" for x in "qkv"),
+                         "--cu-seqlens", os.path.join(d, "cu_seqlens.npy"), "--block-size", "16", "--top-k", "3",
+                         "--mode", mode, "--backend", backend, "--out", self.path(name + "-run"))
+                self.assertEqual(r.returncode, 0, r.stderr)
+                for f in ["out", "lse", "selected", "out_f64"]:
+                    a = pathlib.Path(d, f + ".npy").read_bytes()
+                    b = pathlib.Path(self.path(name + "-run", f + ".npy")).read_bytes()
+                    self.assertEqual(a, b, f"{name} {f}")
+                check = tool("check", "--expected", d, "--actual", os.path.join(d, "out.npy"))
+                self.assertEqual(check.returncode, 0, check.stdout)
 
     def test_run_accepts_numpy_written_f64_inputs_for_every_dtype(self):
         rng = np.random.default_rng()
