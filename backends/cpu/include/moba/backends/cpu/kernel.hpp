@@ -11,6 +11,7 @@
 
 #include <xsimd/xsimd.hpp>
 
+#include <moba/backends/cpu/dot_bf16.hpp>
 #include <moba/backends/cpu/simd.hpp>
 #include <moba/backends/cpu/tiling.hpp>
 #include <moba/backends/cpu/workspace.hpp>
@@ -150,11 +151,20 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
   grow(w.k_packed, dp * tile::chunk_keys);
   grow(w.v_chunk, tile::chunk_keys * dp);
   grow(w.scores, tile::rows * tile::chunk_keys);
+  if constexpr (bf16_dot<T, A>) {
+    grow(w.q16, rows * dp);
+    grow(w.k16, dp * tile::chunk_keys);
+    grow(w.v16, dp * tile::chunk_keys);
+  }
 
   // Rows are (token, head) pairs, token-major: row r is token i0 + r / group, head kv*group + r % group.
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t i = i0 + r / group, h = kv * group + r % group;
     widen_row<A>(&p.q(seq.batch, seq.q_start + i, h, 0), w.q.data() + r * dp, d, dp);
+    if constexpr (bf16_dot<T, A>) {
+      const T* q = &p.q(seq.batch, seq.q_start + i, h, 0);
+      for (std::int64_t x = 0; x < dp; ++x) w.q16[r * dp + x] = x < d ? q[x].bits : 0;
+    }
     std::fill_n(w.o.data() + r * dp, dp, A(0));
     w.m[r] = neg_inf;
     w.l[r] = A(0);
@@ -199,6 +209,7 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
 
   const A scale = static_cast<A>(p.softmax_scale);
   const A* rows_q[tile::rows];
+  const std::uint16_t* rows_q16[tile::rows];
   A* rows_o[tile::rows];
   for (std::int64_t j = 0; j <= last_block; ++j) {
     const std::int64_t first = w.block_start[j], last = w.block_start[j + 1];
@@ -206,19 +217,32 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
     const std::int64_t end = std::min(core::block_end(j, block, seq.k_len), w.pos[w.block_rows[last - 1]] + 1);
     for (std::int64_t t0 = core::block_begin(j, block); t0 < end; t0 += tile::chunk_keys) {
       const std::int64_t keys = std::min<std::int64_t>(tile::chunk_keys, end - t0);
-      // Pack the chunk: keys transposed to [Dp, chunk] and values to [chunk, Dp]. Padding columns
-      // (keys past the chunk's end) only meet masked scores; padding rows (Dp > D) must be zero.
-      if (keys < tile::chunk_keys || dp > d) std::fill_n(w.k_packed.data(), dp * tile::chunk_keys, A(0));
-      // Values are copied even when no widening is needed: rows H·D apart in the caller's tensor
-      // alias the same L1 sets (4 KiB apart for H = 8, D = 128) and measured slower in place.
-      for (std::int64_t t = 0; t < keys; ++t) {
-        widen_row<A>(&p.v(seq.batch, seq.k_start + t0 + t, kv, 0), w.v_chunk.data() + t * dp, d, dp);
-        const T* key = &p.k(seq.batch, seq.k_start + t0 + t, kv, 0);
-        if constexpr (std::is_same_v<T, A>) {
-          for (std::int64_t x = 0; x < d; ++x) w.k_packed[x * tile::chunk_keys + t] = key[x];
-        } else {
-          widen_row<A>(key, w.key_row.data(), d, d);
-          for (std::int64_t x = 0; x < d; ++x) w.k_packed[x * tile::chunk_keys + t] = w.key_row[x];
+      // Pack the chunk: keys transposed to [Dp, chunk] and values to [chunk, Dp] (bf16 dot products:
+      // the pair layouts of dot_bf16.hpp). Padding columns (keys past the chunk's end) only meet masked
+      // scores; padding rows (Dp > D) must be zero. Values are copied even when no widening is needed:
+      // rows H·D apart in the caller's tensor alias the same L1 sets and measured slower in place.
+      if constexpr (bf16_dot<T, A>) {
+        if (dp > d) {
+          std::fill_n(w.k16.data(), dp * tile::chunk_keys, std::uint16_t{0});
+          std::fill_n(w.v16.data(), dp * tile::chunk_keys, std::uint16_t{0});
+        }
+        for (std::int64_t t = 0; t < keys; ++t) {
+          bf16::pack_key(&p.k(seq.batch, seq.k_start + t0 + t, kv, 0), t, d, w.k16.data());
+          bf16::pack_value(&p.v(seq.batch, seq.k_start + t0 + t, kv, 0), t, d, dp, w.v16.data());
+        }
+        if (keys % 2)  // the odd key's partner meets probability 0: make its values 0, not stale
+          for (std::int64_t x = 0; x < dp; ++x) w.v16[((keys >> 1) * dp + x) * 2 + 1] = 0;
+      } else {
+        if (keys < tile::chunk_keys || dp > d) std::fill_n(w.k_packed.data(), dp * tile::chunk_keys, A(0));
+        for (std::int64_t t = 0; t < keys; ++t) {
+          widen_row<A>(&p.v(seq.batch, seq.k_start + t0 + t, kv, 0), w.v_chunk.data() + t * dp, d, dp);
+          const T* key = &p.k(seq.batch, seq.k_start + t0 + t, kv, 0);
+          if constexpr (std::is_same_v<T, A>) {
+            for (std::int64_t x = 0; x < d; ++x) w.k_packed[x * tile::chunk_keys + t] = key[x];
+          } else {
+            widen_row<A>(key, w.key_row.data(), d, d);
+            for (std::int64_t x = 0; x < d; ++x) w.k_packed[x * tile::chunk_keys + t] = w.key_row[x];
+          }
         }
       }
       // Rows that see at least one key of this chunk (a current-block row stops at its own position).
@@ -231,16 +255,26 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
         const std::int64_t count = std::min<std::int64_t>(tile::rows, n - x);
         for (std::int64_t y = 0; y < count; ++y) {
           rows_q[y] = w.q.data() + w.chunk_rows[x + y] * dp;
+          if constexpr (bf16_dot<T, A>) rows_q16[y] = w.q16.data() + w.chunk_rows[x + y] * dp;
           rows_o[y] = w.o.data() + w.chunk_rows[x + y] * dp;
         }
         with_rows<A>(count, [&](auto r) {
-          score_tile<decltype(r)::value>(rows_q, w.k_packed.data(), dp, w.scores.data());
+          constexpr int rows_now = decltype(r)::value;
+          if constexpr (bf16_dot<T, A>) {
+            bf16::score_tile<rows_now>(rows_q16, w.k16.data(), dp, w.scores.data());
+          } else {
+            score_tile<rows_now>(rows_q, w.k_packed.data(), dp, w.scores.data());
+          }
           for (std::int64_t y = 0; y < count; ++y) {
             const std::int64_t row = w.chunk_rows[x + y];
             const std::int64_t valid = std::min(keys, w.pos[row] - t0 + 1);
             softmax_chunk(w.scores.data() + y * tile::chunk_keys, valid, scale, w.m[row], w.l[row], rows_o[y], dp);
           }
-          value_tile<decltype(r)::value>(w.scores.data(), w.v_chunk.data(), keys, dp, rows_o);
+          if constexpr (bf16_dot<T, A>) {
+            bf16::value_tile<rows_now>(w.scores.data(), w.v16.data(), keys, dp, rows_o);
+          } else {
+            value_tile<rows_now>(w.scores.data(), w.v_chunk.data(), keys, dp, rows_o);
+          }
         });
       }
     }

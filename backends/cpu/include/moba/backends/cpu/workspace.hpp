@@ -29,6 +29,10 @@ struct tile_workspace {
   aligned_vector<A> k_packed;      // [Dp, chunk_keys] transposed key chunk
   aligned_vector<A> v_chunk;       // [chunk_keys, Dp]
   aligned_vector<A> scores;        // [rows_per_tile, chunk_keys]
+  // bf16 inputs on AVX512-BF16 (dot_bf16.hpp): queries and the chunk kept as bf16 bits.
+  aligned_vector<std::uint16_t> q16;  // [rows, Dp]
+  aligned_vector<std::uint16_t> k16;  // [Dp/2, chunk_keys, 2]
+  aligned_vector<std::uint16_t> v16;  // [chunk_keys/2, Dp, 2]
 };
 
 template <class V>
