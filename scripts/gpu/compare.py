@@ -87,7 +87,7 @@ def main():
                 def mask_mod(b, h, qi, ki):
                     return (ki <= qi) & sel[h, qi, ki // block]
 
-                bm = create_block_mask(mask_mod, 1, H, n, n, device="cuda")
+                bm = create_block_mask(mask_mod, 1, H, n, n, device="cuda", _compile=True)
                 flex = torch.compile(flex_attention)
                 torch.cuda.reset_peak_memory_stats()
                 ms = timed(lambda: flex(q, k, v, block_mask=bm), 5)

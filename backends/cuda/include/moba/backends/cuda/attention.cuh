@@ -15,13 +15,14 @@
 
 namespace moba::backends::cuda {
 
-/// Shared memory of one attention CTA: a query tile, a key tile and the transposed value tile
-/// (rows padded by smem_pad so that a warp's fragment loads hit 32 distinct banks).
+/// Shared memory of one attention CTA: a query tile and two stages of key and value tiles, all
+/// row-major (ldmatrix.trans reads V as the B operand); rows padded by smem_pad so that the eight
+/// 16-byte rows of an ldmatrix phase hit distinct banks.
 template <class T, int D>
 struct attention_smem {
   T q[tile_rows][D + smem_pad];
-  T k[tile_keys][D + smem_pad];
-  T vt[D][tile_keys + smem_pad];
+  T k[2][tile_keys][D + smem_pad];
+  T v[2][tile_keys][D + smem_pad];
   std::int64_t row[tile_rows];  // query index inside the sequence, -1 for an unused row
   std::int64_t pos[tile_rows];  // its key position pos(i) (causal limit), -1 for an unused row
 };
@@ -61,34 +62,32 @@ __device__ void load_queries(attention_smem<T, D>& sm, const core::fwd_params<T>
   }
 }
 
-/// Loads keys [k0, k0 + tile_keys) ∩ [k0, k_hi) of kv head kvh into sm.k and sm.vt, zero beyond
-/// (a zero value row keeps masked columns from turning 0·garbage into NaN).
+/// Starts the asynchronous copy of keys [k0, k0 + tile_keys) ∩ [k0, k_hi) of kv head kvh into stage
+/// `buf`, zero beyond k_hi (a zero value row keeps masked columns from turning 0·garbage into NaN).
 template <class T, int D>
-__device__ void load_keys(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_info& seq,
-                          std::int64_t kvh, std::int64_t k0, std::int64_t k_hi) {
+__device__ void load_keys_async(attention_smem<T, D>& sm, int buf, const core::fwd_params<T>& p,
+                                const sequence_info& seq, std::int64_t kvh, std::int64_t k0, std::int64_t k_hi) {
   constexpr int chunks = D / 8;
   for (int x = threadIdx.x; x < tile_keys * chunks; x += attention_threads) {
     const int r = x / chunks, c = x % chunks;
-    uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-    if (k0 + r < k_hi) {
-      kv = *reinterpret_cast<const uint4*>(row_ptr(p.k, seq.batch, seq.k_start + k0 + r, kvh) + c * 8);
-      vv = *reinterpret_cast<const uint4*>(row_ptr(p.v, seq.batch, seq.k_start + k0 + r, kvh) + c * 8);
-    }
-    *reinterpret_cast<uint4*>(&sm.k[r][c * 8]) = kv;
-    const T* ve = reinterpret_cast<const T*>(&vv);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) sm.vt[c * 8 + e][r] = ve[e];
+    const bool valid = k0 + r < k_hi;
+    const std::int64_t key = seq.k_start + (valid ? k0 + r : 0);
+    cp_async_16(&sm.k[buf][r][c * 8], row_ptr(p.k, seq.batch, key, kvh) + c * 8, valid);
+    cp_async_16(&sm.v[buf][r][c * 8], row_ptr(p.v, seq.batch, key, kvh) + c * 8, valid);
   }
+  cp_async_commit();
 }
 
 /// Attends the CTA's query tile (sm.q, sm.pos) to keys [k_lo, k_hi), each row to keys t <= pos(row)
 /// only, updating `st` by online softmax (SPEC §Attention). Every thread of the CTA must call it.
+/// Key tiles are double-buffered: the copy of tile n + 1 runs while tile n is computed.
 template <class T, int D>
 __device__ void attend_keys(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_info& seq,
                             std::int64_t kvh, std::int64_t k_lo, std::int64_t k_hi, float scale_log2,
                             row_state<D>& st) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int mi = lane / 8, mr = lane % 8;  // ldmatrix: this lane addresses row mr of matrix mi
   std::uint32_t qa[D / 16][4];
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
@@ -104,73 +103,88 @@ __device__ void attend_keys(attention_smem<T, D>& sm, const core::fwd_params<T>&
     warp_max = o > warp_max ? o : warp_max;
   }
 
-  for (std::int64_t k0 = k_lo; k0 < k_hi; k0 += tile_keys) {
+  __syncthreads();  // the previous user of the stages is done
+  if (k_lo < k_hi) load_keys_async(sm, 0, p, seq, kvh, k_lo, k_hi);
+  int buf = 0;
+  for (std::int64_t k0 = k_lo; k0 < k_hi; k0 += tile_keys, buf ^= 1) {
+    if (k0 + tile_keys < k_hi) load_keys_async(sm, buf ^ 1, p, seq, kvh, k0 + tile_keys, k_hi);
+    else cp_async_commit();  // an empty group keeps the wait count uniform
+    cp_async_wait<1>();
     __syncthreads();
-    load_keys(sm, p, seq, kvh, k0, k_hi);
-    __syncthreads();
-    if (k0 > warp_max) continue;  // warp-uniform: every row of this warp is causally before the tile
-
-    float s[tile_keys / 8][4];
+    if (k0 <= warp_max) {  // warp-uniform: else every row of this warp is causally before the tile
+      float s[tile_keys / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < tile_keys / 8; ++nt) {
+      for (int nt = 0; nt < tile_keys / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+        for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks)
-        mma_16816<T>(s[nt], qa[ks], smem_word(&sm.k[nt * 8 + g][ks * 16 + 2 * t]),
-                     smem_word(&sm.k[nt * 8 + g][ks * 16 + 8 + 2 * t]));
-    }
-    float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < tile_keys / 8; ++nt)
+        for (int nt = 0; nt < tile_keys / 8; nt += 2) {
+          std::uint32_t b[4];
+          ldmatrix_x4<false>(b, &sm.k[buf][(nt + mi / 2) * 8 + mr][ks * 16 + (mi % 2) * 8]);
+          mma_16816<T>(s[nt], qa[ks], b[0], b[1]);
+          mma_16816<T>(s[nt + 1], qa[ks], b[2], b[3]);
+        }
+      float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const std::int64_t key = k0 + nt * 8 + 2 * t + (e & 1);
-        const int ri = e / 2;
-        s[nt][e] = key < k_hi && key <= pos[ri] ? s[nt][e] * scale_log2 : -INFINITY;
-        row_max[ri] = fmaxf(row_max[ri], s[nt][e]);
+      for (int nt = 0; nt < tile_keys / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const std::int64_t key = k0 + nt * 8 + 2 * t + (e & 1);
+          const int ri = e / 2;
+          s[nt][e] = key < k_hi && key <= pos[ri] ? s[nt][e] * scale_log2 : -INFINITY;
+          row_max[ri] = fmaxf(row_max[ri], s[nt][e]);
+        }
+      float alpha[2], m_use[2];
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        row_max[ri] = fmaxf(row_max[ri], __shfl_xor_sync(0xffffffffu, row_max[ri], 1));
+        row_max[ri] = fmaxf(row_max[ri], __shfl_xor_sync(0xffffffffu, row_max[ri], 2));
+        const float m_new = fmaxf(st.m[ri], row_max[ri]);
+        m_use[ri] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing yet stays at weight 0, not NaN
+        alpha[ri] = exp2f(st.m[ri] - m_use[ri]);
+        st.m[ri] = m_new;
       }
-    float alpha[2], m_use[2];
+      float row_sum[2] = {0.f, 0.f};
+      std::uint32_t pa[tile_keys / 16][4];
 #pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      row_max[ri] = fmaxf(row_max[ri], __shfl_xor_sync(0xffffffffu, row_max[ri], 1));
-      row_max[ri] = fmaxf(row_max[ri], __shfl_xor_sync(0xffffffffu, row_max[ri], 2));
-      const float m_new = fmaxf(st.m[ri], row_max[ri]);
-      m_use[ri] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing yet stays at weight 0, not NaN
-      alpha[ri] = exp2f(st.m[ri] - m_use[ri]);
-      st.m[ri] = m_new;
-    }
-    float row_sum[2] = {0.f, 0.f};
-    std::uint32_t pa[tile_keys / 16][4];
+      for (int nt = 0; nt < tile_keys / 8; ++nt) {
 #pragma unroll
-    for (int nt = 0; nt < tile_keys / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - m_use[e / 2]);
-        row_sum[e / 2] += s[nt][e];
+        for (int e = 0; e < 4; ++e) {
+          s[nt][e] = exp2f(s[nt][e] - m_use[e / 2]);
+          row_sum[e / 2] += s[nt][e];
+        }
+        // The S accumulator of key columns 16kc..16kc+15 is exactly the A fragment of P·V.
+        pa[nt / 2][(nt % 2) * 2 + 0] = pack2<T>(s[nt][0], s[nt][1]);
+        pa[nt / 2][(nt % 2) * 2 + 1] = pack2<T>(s[nt][2], s[nt][3]);
       }
-      // The S accumulator of key columns 16kc..16kc+15 is exactly the A fragment of P·V.
-      pa[nt / 2][(nt % 2) * 2 + 0] = pack2<T>(s[nt][0], s[nt][1]);
-      pa[nt / 2][(nt % 2) * 2 + 1] = pack2<T>(s[nt][2], s[nt][3]);
-    }
 #pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      row_sum[ri] += __shfl_xor_sync(0xffffffffu, row_sum[ri], 1);
-      row_sum[ri] += __shfl_xor_sync(0xffffffffu, row_sum[ri], 2);
-      st.l[ri] = st.l[ri] * alpha[ri] + row_sum[ri];
-    }
+      for (int ri = 0; ri < 2; ++ri) {
+        row_sum[ri] += __shfl_xor_sync(0xffffffffu, row_sum[ri], 1);
+        row_sum[ri] += __shfl_xor_sync(0xffffffffu, row_sum[ri], 2);
+        st.l[ri] = st.l[ri] * alpha[ri] + row_sum[ri];
+      }
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      st.o[dn][0] *= alpha[0];
-      st.o[dn][1] *= alpha[0];
-      st.o[dn][2] *= alpha[1];
-      st.o[dn][3] *= alpha[1];
+      for (int dn = 0; dn < D / 8; ++dn) {
+        st.o[dn][0] *= alpha[0];
+        st.o[dn][1] *= alpha[0];
+        st.o[dn][2] *= alpha[1];
+        st.o[dn][3] *= alpha[1];
+      }
 #pragma unroll
       for (int kc = 0; kc < tile_keys / 16; ++kc)
-        mma_16816<T>(st.o[dn], pa[kc], smem_word(&sm.vt[dn * 8 + g][kc * 16 + 2 * t]),
-                     smem_word(&sm.vt[dn * 8 + g][kc * 16 + 8 + 2 * t]));
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn += 2) {
+          std::uint32_t b[4];
+          ldmatrix_x4<true>(b, &sm.v[buf][kc * 16 + (mi % 2) * 8 + mr][(dn + mi / 2) * 8]);
+          mma_16816<T>(st.o[dn], pa[kc], b[0], b[1]);
+          mma_16816<T>(st.o[dn + 1], pa[kc], b[2], b[3]);
+        }
     }
+    __syncthreads();  // stage `buf` is refilled by the next iteration's copy
   }
+  cp_async_wait<0>();
 }
 
 /// Writes the normalised output and lse of row `i` (state half `ri`) of query head h.

@@ -186,7 +186,7 @@ struct backend_impl<cuda, Dtype> {
       if (gate_before_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_before_, stream_));
       c::block_means_kernel<Dtype><<<dim3(grid(totals.block_offset), static_cast<unsigned>(p.kv_heads)), 256, 0, stream_>>>(p, table, kbar);
       c::check_launch("block_means_kernel");
-      const std::size_t gate_smem = (c::gate_rows + c::gate_tile_blocks) * (p.head_dim + 1) * sizeof(float);
+      const std::size_t gate_smem = (c::gate_rows + c::gate_tile_blocks) * (p.head_dim + 4) * sizeof(float);
       MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(gate_smem)));
       c::gate_kernel<Dtype><<<dim3(grid(totals.tile_offset), q_heads), c::gate_threads, gate_smem, stream_>>>(p, table, kbar, sel);

@@ -59,10 +59,13 @@ __device__ void store_selection(const core::fwd_params<T>& p, const sequence_des
 template <class T>
 __global__ void __launch_bounds__(gate_threads) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
                                                              const float* kbar, std::int32_t* sel) {
-  extern __shared__ float gate_smem[];
-  const std::int64_t d_len = p.head_dim, pitch = d_len + 1;
-  float* q_s = gate_smem;                     // [gate_rows][D + 1]
-  float* kb_s = gate_smem + gate_rows * pitch;  // [gate_tile_blocks][D + 1]
+  extern __shared__ float4 gate_smem4[];
+  float* gate_smem = reinterpret_cast<float*>(gate_smem4);
+  // Rows padded to D + 4 floats: 16-byte loads, and the 8 query rows / 4 block rows a warp reads
+  // at once fall in distinct banks.
+  const std::int64_t d_len = p.head_dim, pitch = d_len + 4;
+  float* q_s = gate_smem;                       // [gate_rows][D + 4]
+  float* kb_s = gate_smem + gate_rows * pitch;  // [gate_tile_blocks][D + 4]
   const std::int64_t h = blockIdx.y, kvh = p.kv_head(h);
   const std::int64_t s = find_sequence(table, p.seqs.count, blockIdx.x, [](const sequence_desc& e) { return e.tile_offset; });
   const sequence_desc& e = table[s];
@@ -82,6 +85,10 @@ __global__ void __launch_bounds__(gate_threads) gate_kernel(core::fwd_params<T> 
   std::int64_t best_index[max_top_k];
   float best_score[max_top_k];
   core::top_n<float> top{best_index, best_score, want};
+  // The worst kept score, in a register. Blocks are offered in increasing index, so a full list
+  // rejects any score that is not strictly greater (SPEC §Blocks 5: ties go to the lower index);
+  // a NaN worst is left to top_n's own rule.
+  float worst = NAN;
   const float* kbar_seq = kbar + e.block_offset * p.kv_heads * d_len;
 
   for (std::int64_t j0 = 0; j0 < c_last; j0 += gate_tile_blocks) {
@@ -93,21 +100,31 @@ __global__ void __launch_bounds__(gate_threads) gate_kernel(core::fwd_params<T> 
     __syncthreads();
     constexpr int per_thread = gate_tile_blocks / gate_split;
     float acc[per_thread] = {};
-    const float* qr = q_s + r * pitch;
-    for (std::int64_t d = 0; d < d_len; ++d) {
-      const float qv = qr[d];
+    const float4* qr = reinterpret_cast<const float4*>(q_s + r * pitch);
+    for (std::int64_t d4 = 0; d4 < d_len / 4; ++d4) {
+      const float4 qv = qr[d4];
 #pragma unroll
-      for (int m = 0; m < per_thread; ++m) acc[m] = fmaf(qv, kb_s[(sub + gate_split * m) * pitch + d], acc[m]);
+      for (int m = 0; m < per_thread; ++m) {
+        const float4 kv = reinterpret_cast<const float4*>(kb_s + (sub + gate_split * m) * pitch)[d4];
+        acc[m] = fmaf(qv.x, kv.x, acc[m]);
+        acc[m] = fmaf(qv.y, kv.y, acc[m]);
+        acc[m] = fmaf(qv.z, kv.z, acc[m]);
+        acc[m] = fmaf(qv.w, kv.w, acc[m]);
+      }
     }
 #pragma unroll
     for (int m = 0; m < per_thread; ++m) {
       const std::int64_t j = j0 + sub + gate_split * m;
-      if (j < c) top.offer(acc[m], j);  // SPEC §Blocks 4: only blocks wholly in the past
+      // SPEC §Blocks 4: only blocks wholly in the past are eligible.
+      if (j < c && !(top.size == want && worst == worst && !(acc[m] > worst))) {
+        top.offer(acc[m], j);
+        if (top.size == want && want > 0) worst = best_score[want - 1];
+      }
     }
   }
 
   // Merge the gate_split sorted lists of this query: `want` rounds of a shuffle argmax.
-  const unsigned quad = 0xFu << (threadIdx.x % 32 & ~(gate_split - 1));
+  const unsigned quad = ((1u << gate_split) - 1u) << (threadIdx.x % 32 & ~(gate_split - 1));
   std::int64_t chosen[max_top_k];
   std::int64_t head = 0;
   for (std::int64_t w = 0; w < want; ++w) {

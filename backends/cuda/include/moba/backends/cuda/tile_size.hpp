@@ -13,7 +13,8 @@ inline constexpr int attention_threads = 128;
 /// Padding (elements) of shared-memory rows so that the fragment loads of a warp hit 32 banks.
 inline constexpr int smem_pad = 8;
 
-/// Gate: queries per CTA, threads per query and block means per shared-memory tile.
+/// Gate: queries per CTA, threads per query and block means per shared-memory tile
+/// (one thread per query and 32-block tiles measured slower, docs/perf.md).
 inline constexpr int gate_rows = 64;
 inline constexpr int gate_split = 4;
 inline constexpr int gate_tile_blocks = 16;
