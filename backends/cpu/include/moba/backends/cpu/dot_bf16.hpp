@@ -96,6 +96,16 @@ void value_tile(const float* p, const std::uint16_t* packed, std::int64_t n, std
 #else
 template <class T, class A>
 inline constexpr bool bf16_dot = false;
+
+/// Declared only: kernel.hpp calls these in branches discarded when bf16_dot is false.
+namespace bf16 {
+void pack_key(const bfloat16* key, std::int64_t t, std::int64_t d, std::uint16_t* packed);
+void pack_value(const bfloat16* value, std::int64_t t, std::int64_t d, std::int64_t dp, std::uint16_t* packed);
+template <int Rows>
+void score_tile(const std::uint16_t* const* q, const std::uint16_t* packed, std::int64_t dp, float* s);
+template <int Rows>
+void value_tile(const float* p, const std::uint16_t* packed, std::int64_t n, std::int64_t dp, float* const* o);
+}  // namespace bf16
 #endif
 
 }  // namespace moba::backends::cpu
