@@ -42,7 +42,8 @@ struct forward_state {
 
 template <class T, class A>
 void forward(const core::fwd_params<T>& p, forward_state<A>& state) {
-  const std::int64_t dp = padded_dim<A>(p.head_dim), block = p.block_size, tile = query_tile_tokens(block);
+  const std::int64_t dp = padded_dim<A>(p.head_dim), block = p.block_size;
+  const std::int64_t tile = query_tile_tokens(block, p.q_heads / p.kv_heads);
   // Block means (SPEC §Blocks 2) for every (sequence, kv head), accumulated in A, divided by the count.
   state.means_offset.assign(p.seqs.count * p.kv_heads + 1, 0);
   for (std::int64_t s = 0; s < p.seqs.count; ++s)

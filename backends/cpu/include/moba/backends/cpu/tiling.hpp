@@ -2,6 +2,7 @@
 /// @file Tile shapes of the CPU kernel, chosen at compile time from the SIMD width.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include <xsimd/xsimd.hpp>
@@ -20,11 +21,12 @@ struct register_tile {
   static constexpr int chunk_keys = vectors * width;
 };
 
-/// Query tokens per work item: whole blocks, about 4096. Every key chunk a tile visits is packed once
-/// for all the tile's rows that selected its block, so long tiles amortise the packing; the tile's
-/// queries and running outputs (2 × 4096 × Dp values) stay in the per-thread workspace.
-inline std::int64_t query_tile_tokens(std::int64_t block_size) {
-  constexpr std::int64_t target = 4096;
+/// Query tokens per work item: whole blocks, about 4096 rows (tokens × the kv head's query heads).
+/// Every key chunk a tile visits is packed once for all the tile's rows that selected its block, so
+/// long tiles amortise the packing; the rows' queries and running outputs (2 × 4096 × Dp values)
+/// stay in the per-thread workspace.
+inline std::int64_t query_tile_tokens(std::int64_t block_size, std::int64_t group) {
+  const std::int64_t target = std::max<std::int64_t>(64, 4096 / group);
   return block_size >= target ? target : block_size * (target / block_size);
 }
 
