@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: MIT
-/// @file Attention kernels: the tensor-core tile loop (sm_80+ mma.sync, bf16/f16), the dense-causal
-/// kernel (mode full), the gathered sparse kernel (mode sparse), and a CUDA-core path for float.
+/// @file Attention kernels. One tile loop over 128 query rows × 128-key tiles with two mainloops:
+/// wgmma (sm_90a: a warpgroup per 64 rows) and mma.sync (sm_80+: a warp per 16 rows), chosen at
+/// compile time per architecture over one shared-memory layout and one register layout.
+/// causal_kernel runs query tiles (mode full, and the current block of mode sparse); history_kernel
+/// runs the gathered rows that chose one key block in one selection slot. Passes merge into `out`
+/// through a log-sum-exp buffer. A CUDA-core kernel serves float.
 #pragma once
 
 #include <cstdint>
@@ -10,131 +14,182 @@
 #include <moba/backends/cuda/mma_sm80.cuh>
 #include <moba/backends/cuda/sequences.hpp>
 #include <moba/backends/cuda/tile_size.hpp>
+#include <moba/backends/cuda/wgmma_sm90.cuh>
 #include <moba/core/blocks.hpp>
+#include <moba/core/gate.hpp>
 #include <moba/core/params.hpp>
 
 namespace moba::backends::cuda {
 
-/// Shared memory of one attention CTA: a query tile and two stages of key and value tiles, all
-/// row-major (ldmatrix.trans reads V as the B operand); rows padded by smem_pad so that the eight
-/// 16-byte rows of an ldmatrix phase hit distinct banks.
+/// Shared memory of one attention CTA: the query tile and kv_stages stages of key and value tiles,
+/// each stored 128B-swizzled ([D / 64][rows][64], swizzled_offset), plus the rows' metadata.
 template <class T, int D>
 struct attention_smem {
-  T q[tile_rows][D + smem_pad];
-  T k[2][tile_keys][D + smem_pad];
-  T v[2][tile_keys][D + smem_pad];
-  std::int64_t row[tile_rows];  // query index inside the sequence, -1 for an unused row
-  std::int64_t pos[tile_rows];  // its key position pos(i) (causal limit), -1 for an unused row
+  alignas(1024) T q[tile_rows * D];
+  alignas(1024) T k[kv_stages][tile_keys * D];
+  alignas(1024) T v[kv_stages][tile_keys * D];
+  std::int64_t lo[tile_rows], hi[tile_rows];  // keys [lo, hi) the row attends
+  std::int32_t query[tile_rows];              // query index inside the sequence, -1 for an unused row
+  std::int32_t head[tile_rows];               // its query head
+  std::int64_t warp_lo[attention_threads / 32], warp_hi[attention_threads / 32];  // per-warp key span
+  /// Bytes to request: the struct plus slack to align the dynamic shared-memory base to 1024.
+  static constexpr int launch_bytes = sizeof(attention_smem) + 1024;
+  __device__ static attention_smem& at(unsigned char* raw) {
+    const std::uintptr_t a = (reinterpret_cast<std::uintptr_t>(raw) + 1023) & ~std::uintptr_t{1023};
+    return *reinterpret_cast<attention_smem*>(a);
+  }
 };
 
-/// Online-softmax state of the two rows (g, g + 8) a thread holds in each warp's 16-row slice:
-/// unnormalised output (mma accumulator layout), running max in log2 units, running sum.
+/// Online-softmax state of the two rows (r, r + 8) a thread holds: unnormalised output in the mma
+/// accumulator layout (o[4n + e]: column 8n + 2t + e % 2 of row e / 2), running max in log2 units
+/// and running sum.
 template <int D>
 struct row_state {
-  float o[D / 8][4];
+  float o[D / 2];
   float m[2];
   float l[2];
 };
 
-template <int D>
-__device__ __forceinline__ void init_state(row_state<D>& st) {
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) st.o[n][e] = 0.f;
-  st.m[0] = st.m[1] = -INFINITY;
-  st.l[0] = st.l[1] = 0.f;
-}
-
-__device__ __forceinline__ std::uint32_t smem_word(const void* p) { return *static_cast<const std::uint32_t*>(p); }
-
-/// Loads the query rows named by sm.row (of query head h) into sm.q, zero for unused rows.
-template <class T, int D>
-__device__ void load_queries(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_info& seq,
-                             std::int64_t h) {
-  constexpr int chunks = D / 8;  // 16-byte vectors per row
-  for (int x = threadIdx.x; x < tile_rows * chunks; x += attention_threads) {
-    const int r = x / chunks, c = x % chunks;
-    const std::int64_t i = sm.row[r];
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (i >= 0) v = *reinterpret_cast<const uint4*>(row_ptr(p.q, seq.batch, seq.q_start + i, h) + c * 8);
-    *reinterpret_cast<uint4*>(&sm.q[r][c * 8]) = v;
-  }
-}
-
-/// Starts the asynchronous copy of keys [k0, k0 + tile_keys) ∩ [k0, k_hi) of kv head kvh into stage
-/// `buf`, zero beyond k_hi (a zero value row keeps masked columns from turning 0·garbage into NaN).
-template <class T, int D>
-__device__ void load_keys_async(attention_smem<T, D>& sm, int buf, const core::fwd_params<T>& p,
-                                const sequence_info& seq, std::int64_t kvh, std::int64_t k0, std::int64_t k_hi) {
+/// Copies 16-byte chunks of `rows` rows of D elements into a swizzled tile; `src(r)` is row r's
+/// address or null (zeros).
+template <class T, int D, int Rows, class Src>
+__device__ __forceinline__ void load_rows_async(T* tile, Src src) {
   constexpr int chunks = D / 8;
-  for (int x = threadIdx.x; x < tile_keys * chunks; x += attention_threads) {
+  for (int x = threadIdx.x; x < Rows * chunks; x += attention_threads) {
     const int r = x / chunks, c = x % chunks;
-    const bool valid = k0 + r < k_hi;
-    const std::int64_t key = seq.k_start + (valid ? k0 + r : 0);
-    cp_async_16(&sm.k[buf][r][c * 8], row_ptr(p.k, seq.batch, key, kvh) + c * 8, valid);
-    cp_async_16(&sm.v[buf][r][c * 8], row_ptr(p.v, seq.batch, key, kvh) + c * 8, valid);
+    const T* row = src(r);
+    cp_async_16(reinterpret_cast<unsigned char*>(tile) + swizzled_offset<Rows>(r, c * 8), row ? row + c * 8 : nullptr,
+                row != nullptr);
   }
-  cp_async_commit();
 }
 
-/// Attends the CTA's query tile (sm.q, sm.pos) to keys [k_lo, k_hi), each row to keys t <= pos(row)
-/// only, updating `st` by online softmax (SPEC §Attention). Every thread of the CTA must call it.
-/// Key tiles are double-buffered: the copy of tile n + 1 runs while tile n is computed.
+/// S (this thread's share of the group's rows × tile_keys) = Q · K^T of stage `buf`.
 template <class T, int D>
-__device__ void attend_keys(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_info& seq,
-                            std::int64_t kvh, std::int64_t k_lo, std::int64_t k_hi, float scale_log2,
-                            row_state<D>& st) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int r0 = warp * 16 + g, r1 = r0 + 8;
+__device__ __forceinline__ void tile_scores(const attention_smem<T, D>& sm, int buf, float (&s)[tile_keys / 2]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#if defined(MOBA_CUDA_WGMMA)
+  (void)lane;
+  const auto* q = reinterpret_cast<const unsigned char*>(sm.q) + (warp / 4) * 64 * 128;
+  const auto* k = reinterpret_cast<const unsigned char*>(sm.k[buf]);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+    wgmma<tile_keys, T>::ss(s, wgmma_desc(q + (ks / 4) * tile_rows * 128 + (ks % 4) * 32, 16, 1024),
+                            wgmma_desc(k + (ks / 4) * tile_keys * 128 + (ks % 4) * 32, 16, 1024), ks > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+#else
   const int mi = lane / 8, mr = lane % 8;  // ldmatrix: this lane addresses row mr of matrix mi
-  std::uint32_t qa[D / 16][4];
+  const auto* q = reinterpret_cast<const unsigned char*>(sm.q);
+  const auto* k = reinterpret_cast<const unsigned char*>(sm.k[buf]);
+#pragma unroll
+  for (int e = 0; e < tile_keys / 2; ++e) s[e] = 0.f;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
-    qa[ks][0] = smem_word(&sm.q[r0][ks * 16 + 2 * t]);
-    qa[ks][1] = smem_word(&sm.q[r1][ks * 16 + 2 * t]);
-    qa[ks][2] = smem_word(&sm.q[r0][ks * 16 + 8 + 2 * t]);
-    qa[ks][3] = smem_word(&sm.q[r1][ks * 16 + 8 + 2 * t]);
+    std::uint32_t a[4];
+    ldmatrix_x4<false>(a, q + swizzled_offset<tile_rows>(warp * 16 + (mi % 2) * 8 + mr, ks * 16 + (mi / 2) * 8));
+#pragma unroll
+    for (int nt = 0; nt < tile_keys / 8; nt += 2) {
+      std::uint32_t b[4];
+      ldmatrix_x4<false>(b, k + swizzled_offset<tile_keys>((nt + mi / 2) * 8 + mr, ks * 16 + (mi % 2) * 8));
+      mma_16816<T>(reinterpret_cast<float(&)[4]>(s[4 * nt]), a, b[0], b[1]);
+      mma_16816<T>(reinterpret_cast<float(&)[4]>(s[4 * nt + 4]), a, b[2], b[3]);
+    }
   }
-  const std::int64_t pos[2] = {sm.pos[r0], sm.pos[r1]};
-  std::int64_t warp_max = pos[0] > pos[1] ? pos[0] : pos[1];
+#endif
+}
+
+/// O += P · V of stage `buf`; pa holds P as the A fragments of 16-key steps.
+template <class T, int D>
+__device__ __forceinline__ void tile_values(const attention_smem<T, D>& sm, int buf,
+                                            const std::uint32_t (&pa)[tile_keys / 16][4], float (&o)[D / 2]) {
+  const auto* v = reinterpret_cast<const unsigned char*>(sm.v[buf]);
+#if defined(MOBA_CUDA_WGMMA)
+  wgmma_fence();
+#pragma unroll
+  for (int kc = 0; kc < tile_keys / 16; ++kc)
+    wgmma<D, T>::rs_mn(o, pa[kc], wgmma_desc(v + kc * 16 * 128, tile_keys * 128, 1024), 1);
+  wgmma_commit();
+  wgmma_wait<0>();
+#else
+  const int lane = threadIdx.x % 32, mi = lane / 8, mr = lane % 8;
+#pragma unroll
+  for (int kc = 0; kc < tile_keys / 16; ++kc)
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn += 2) {
+      std::uint32_t b[4];
+      ldmatrix_x4<true>(b, v + swizzled_offset<tile_keys>(kc * 16 + (mi % 2) * 8 + mr, (dn + mi / 2) * 8));
+      mma_16816<T>(reinterpret_cast<float(&)[4]>(o[4 * dn]), pa[kc], b[0], b[1]);
+      mma_16816<T>(reinterpret_cast<float(&)[4]>(o[4 * dn + 4]), pa[kc], b[2], b[3]);
+    }
+#endif
+}
+
+/// Attends the CTA's query tile (sm.q, sm.lo, sm.hi, sm.warp_lo, sm.warp_hi: set, and q's copy
+/// committed, by the caller) to keys [k_begin, k_end) of kv head kvh, each row to its own [lo, hi)
+/// only, by online softmax (SPEC §Attention). Every thread of the CTA calls it. Key tiles are
+/// double-buffered: the copy of tile n + 1 runs while tile n is computed.
+template <class T, int D>
+__device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_info& seq,
+                            std::int64_t kvh, std::int64_t k_begin, std::int64_t k_end, float scale_log2,
+                            row_state<D>& st) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  const int r0 = warp * 16 + lane / 4;
+  const std::int64_t lo[2] = {sm.lo[r0], sm.lo[r0 + 8]}, hi[2] = {sm.hi[r0], sm.hi[r0 + 8]};
+  // Keys a tile must cover for this warp to skip the mask: [lo_max, hi_min) of its used rows.
+  std::int64_t lo_max = INT64_MIN, hi_min = INT64_MAX;
+  for (int ri = 0; ri < 2; ++ri)
+    if (lo[ri] < hi[ri]) {
+      lo_max = lo[ri] > lo_max ? lo[ri] : lo_max;
+      hi_min = hi[ri] < hi_min ? hi[ri] : hi_min;
+    }
   for (int off = 16; off > 0; off /= 2) {
-    const std::int64_t o = __shfl_xor_sync(0xffffffffu, warp_max, off);
-    warp_max = o > warp_max ? o : warp_max;
+    const std::int64_t a = __shfl_xor_sync(0xffffffffu, lo_max, off), b = __shfl_xor_sync(0xffffffffu, hi_min, off);
+    lo_max = a > lo_max ? a : lo_max;
+    hi_min = b < hi_min ? b : hi_min;
+  }
+  // The span of keys the group issuing one matrix instruction needs (a warpgroup for wgmma).
+#if defined(MOBA_CUDA_WGMMA)
+  constexpr int group_warps = 4;
+#else
+  constexpr int group_warps = 1;
+#endif
+  std::int64_t span_lo = INT64_MAX, span_hi = INT64_MIN;
+  for (int w = warp / group_warps * group_warps; w < (warp / group_warps + 1) * group_warps; ++w) {
+    span_lo = sm.warp_lo[w] < span_lo ? sm.warp_lo[w] : span_lo;
+    span_hi = sm.warp_hi[w] > span_hi ? sm.warp_hi[w] : span_hi;
   }
 
-  __syncthreads();  // the previous user of the stages is done
-  if (k_lo < k_hi) load_keys_async(sm, 0, p, seq, kvh, k_lo, k_hi);
+  auto load_kv = [&](int buf, std::int64_t k0) {  // keys at or past k_end read as zeros
+    load_rows_async<T, D, tile_keys>(sm.k[buf], [&](int r) -> const T* {
+      return k0 + r < k_end ? row_ptr(p.k, seq.batch, seq.k_start + k0 + r, kvh) : nullptr;
+    });
+    load_rows_async<T, D, tile_keys>(sm.v[buf], [&](int r) -> const T* {
+      return k0 + r < k_end ? row_ptr(p.v, seq.batch, seq.k_start + k0 + r, kvh) : nullptr;
+    });
+    cp_async_commit();
+  };
+  if (k_begin < k_end) load_kv(0, k_begin);
   int buf = 0;
-  for (std::int64_t k0 = k_lo; k0 < k_hi; k0 += tile_keys, buf ^= 1) {
-    if (k0 + tile_keys < k_hi) load_keys_async(sm, buf ^ 1, p, seq, kvh, k0 + tile_keys, k_hi);
+  for (std::int64_t k0 = k_begin; k0 < k_end; k0 += tile_keys, buf ^= 1) {
+    if (k0 + tile_keys < k_end) load_kv(buf ^ 1, k0 + tile_keys);
     else cp_async_commit();  // an empty group keeps the wait count uniform
     cp_async_wait<1>();
+    fence_async_shared();
     __syncthreads();
-    if (k0 <= warp_max) {  // warp-uniform: else every row of this warp is causally before the tile
-      float s[tile_keys / 8][4];
-#pragma unroll
-      for (int nt = 0; nt < tile_keys / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks)
-#pragma unroll
-        for (int nt = 0; nt < tile_keys / 8; nt += 2) {
-          std::uint32_t b[4];
-          ldmatrix_x4<false>(b, &sm.k[buf][(nt + mi / 2) * 8 + mr][ks * 16 + (mi % 2) * 8]);
-          mma_16816<T>(s[nt], qa[ks], b[0], b[1]);
-          mma_16816<T>(s[nt + 1], qa[ks], b[2], b[3]);
-        }
+    if (k0 < span_hi && k0 + tile_keys > span_lo) {  // uniform over the group
+      float s[tile_keys / 2];
+      tile_scores(sm, buf, s);
+      const bool masked = !(k0 >= lo_max && k0 + tile_keys <= hi_min);
       float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int nt = 0; nt < tile_keys / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const std::int64_t key = k0 + nt * 8 + 2 * t + (e & 1);
           const int ri = e / 2;
-          s[nt][e] = key < k_hi && key <= pos[ri] ? s[nt][e] * scale_log2 : -INFINITY;
-          row_max[ri] = fmaxf(row_max[ri], s[nt][e]);
+          const std::int64_t key = k0 + nt * 8 + 2 * t + (e & 1);
+          s[4 * nt + e] = !masked || (key >= lo[ri] && key < hi[ri]) ? s[4 * nt + e] * scale_log2 : -INFINITY;
+          row_max[ri] = fmaxf(row_max[ri], s[4 * nt + e]);
         }
       float alpha[2], m_use[2];
 #pragma unroll
@@ -152,12 +207,12 @@ __device__ void attend_keys(attention_smem<T, D>& sm, const core::fwd_params<T>&
       for (int nt = 0; nt < tile_keys / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[nt][e] = exp2f(s[nt][e] - m_use[e / 2]);
-          row_sum[e / 2] += s[nt][e];
+          s[4 * nt + e] = exp2f(s[4 * nt + e] - m_use[e / 2]);
+          row_sum[e / 2] += s[4 * nt + e];
         }
         // The S accumulator of key columns 16kc..16kc+15 is exactly the A fragment of P·V.
-        pa[nt / 2][(nt % 2) * 2 + 0] = pack2<T>(s[nt][0], s[nt][1]);
-        pa[nt / 2][(nt % 2) * 2 + 1] = pack2<T>(s[nt][2], s[nt][3]);
+        pa[nt / 2][(nt % 2) * 2 + 0] = pack2<T>(s[4 * nt + 0], s[4 * nt + 1]);
+        pa[nt / 2][(nt % 2) * 2 + 1] = pack2<T>(s[4 * nt + 2], s[4 * nt + 3]);
       }
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
@@ -166,227 +221,168 @@ __device__ void attend_keys(attention_smem<T, D>& sm, const core::fwd_params<T>&
         st.l[ri] = st.l[ri] * alpha[ri] + row_sum[ri];
       }
 #pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        st.o[dn][0] *= alpha[0];
-        st.o[dn][1] *= alpha[0];
-        st.o[dn][2] *= alpha[1];
-        st.o[dn][3] *= alpha[1];
-      }
-#pragma unroll
-      for (int kc = 0; kc < tile_keys / 16; ++kc)
-#pragma unroll
-        for (int dn = 0; dn < D / 8; dn += 2) {
-          std::uint32_t b[4];
-          ldmatrix_x4<true>(b, &sm.v[buf][kc * 16 + (mi % 2) * 8 + mr][(dn + mi / 2) * 8]);
-          mma_16816<T>(st.o[dn], pa[kc], b[0], b[1]);
-          mma_16816<T>(st.o[dn + 1], pa[kc], b[2], b[3]);
-        }
+      for (int e = 0; e < D / 2; ++e) st.o[e] *= alpha[(e / 2) % 2];
+      tile_values(sm, buf, pa, st.o);
     }
     __syncthreads();  // stage `buf` is refilled by the next iteration's copy
   }
   cp_async_wait<0>();
 }
 
-/// Writes the normalised output and lse of row `i` (state half `ri`) of query head h.
+/// Fills sm.warp_lo / sm.warp_hi from sm.lo / sm.hi (used rows only) and waits for every thread.
 template <class T, int D>
-__device__ void store_row(const core::fwd_params<T>& p, const sequence_info& seq, std::int64_t h, std::int64_t i,
-                          const row_state<D>& st, int ri) {
-  const int t = threadIdx.x % 4;
-  const float inv = 1.f / st.l[ri];
-  T* out = row_ptr(p.out, seq.batch, seq.q_start + i, h);
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) {
-    out[dn * 8 + 2 * t] = from_float<T>(st.o[dn][2 * ri] * inv);
-    out[dn * 8 + 2 * t + 1] = from_float<T>(st.o[dn][2 * ri + 1] * inv);
-  }
-  if (t == 0 && p.lse.given())
-    p.lse(seq.batch, seq.q_start + i, h) = (st.m[ri] + log2f(st.l[ri])) * 0.6931471805599453f;
-}
-
-/// Mode full (dense causal): grid (query tiles, Hq); each CTA runs its 64 rows over keys [0, last pos].
-template <class T, int D>
-__global__ void __launch_bounds__(attention_threads) dense_kernel(core::fwd_params<T> p, const sequence_desc* table,
-                                                                   float scale_log2) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& sm = *reinterpret_cast<attention_smem<T, D>*>(smem_raw);
-  const std::int64_t h = blockIdx.y, kvh = p.kv_head(h);
-  const std::int64_t s = find_sequence(table, p.seqs.count, blockIdx.x, [](const sequence_desc& e) { return e.tile_offset; });
-  const sequence_info seq = table[s].seq;
-  const std::int64_t i0 = (blockIdx.x - table[s].tile_offset) * tile_rows;
-  const std::int64_t rows = seq.q_len - i0 < tile_rows ? seq.q_len - i0 : tile_rows;
-  if (threadIdx.x < tile_rows) {
-    const bool used = threadIdx.x < rows;
-    sm.row[threadIdx.x] = used ? i0 + threadIdx.x : -1;
-    sm.pos[threadIdx.x] = used ? seq.pos(i0 + threadIdx.x) : -1;
+__device__ void tile_spans(attention_smem<T, D>& sm) {
+  __syncthreads();
+  if (threadIdx.x < tile_rows / 16) {
+    std::int64_t a = INT64_MAX, b = INT64_MIN;
+    for (int r = threadIdx.x * 16; r < threadIdx.x * 16 + 16; ++r)
+      if (sm.lo[r] < sm.hi[r]) {
+        a = sm.lo[r] < a ? sm.lo[r] : a;
+        b = sm.hi[r] > b ? sm.hi[r] : b;
+      }
+    sm.warp_lo[threadIdx.x] = a;
+    sm.warp_hi[threadIdx.x] = b;
   }
   __syncthreads();
-  load_queries(sm, p, seq, h);
-  __syncthreads();
-  row_state<D> st;
-  init_state(st);
-  attend_keys(sm, p, seq, kvh, 0, seq.pos(i0 + rows - 1) + 1, scale_log2, st);
-  const int r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
-  if (sm.row[r0] >= 0) store_row(p, seq, h, sm.row[r0], st, 0);
-  if (sm.row[r0 + 8] >= 0) store_row(p, seq, h, sm.row[r0 + 8], st, 1);
 }
 
-/// Scratch of one CTA of the sparse kernel: the running state of range_rows queries and the
-/// per-block lists of the queries that selected each block (a counting sort).
-struct sparse_scratch {
-  float* o;             // [range_rows, D]
-  float* m;             // [range_rows], log2 units
-  float* l;             // [range_rows]
-  std::int32_t* begin;  // [max_blocks]: start of block j's list in `rows`
-  std::int32_t* end;    // [max_blocks]
-  std::int32_t* rows;   // [range_rows * K]
-
-  static std::int64_t bytes(std::int64_t d, std::int64_t max_blocks, std::int64_t top_k) {
-    const std::int64_t floats = range_rows * (d + 2), ints = 2 * max_blocks + range_rows * top_k;
-    return ((4 * (floats + ints)) + 255) / 256 * 256;
-  }
-  __device__ static sparse_scratch at(unsigned char* base, std::int64_t d, std::int64_t max_blocks,
-                                      std::int64_t top_k) {
-    sparse_scratch s;
-    s.o = reinterpret_cast<float*>(base);
-    s.m = s.o + range_rows * d;
-    s.l = s.m + range_rows;
-    s.begin = reinterpret_cast<std::int32_t*>(s.l + range_rows);
-    s.end = s.begin + max_blocks;
-    s.rows = s.end + max_blocks;
-    return s;
-  }
+/// How a tile's result meets what earlier passes left in `out` and the log2-sum-exp buffer.
+struct epilogue {
+  float* lse2;        // [rows, Hq] log2-sum-exp of what `out` holds so far (row = row_offset + i)
+  bool merge;         // combine with out / lse2 (rows that have earlier passes)
+  bool final_pass;    // write the caller's lse (natural log) instead of lse2
 };
 
-/// Mode sparse, organised key-block-major inside each range of range_rows queries of one head:
-/// the rows that selected block j are gathered into 64-row tiles and attended to block j's keys;
-/// each row's running state lives in the CTA's scratch between its K blocks. A persistent grid
-/// strides over (range, head) items; CTA b owns scratch slot b. See docs/design.md "CUDA backend".
+/// Writes row `i` (state half `ri`) of query head h: alone, or merged with the normalised partial
+/// result an earlier pass left (out_old · 2^(L_old − L) + o · 2^(m − L), L the combined log2-sum-exp).
 template <class T, int D>
-__global__ void __launch_bounds__(attention_threads)
-    sparse_kernel(core::fwd_params<T> p, const sequence_desc* table, const std::int32_t* sel,
-                  unsigned char* scratch_base, std::int64_t slot_bytes, std::int64_t max_blocks, float scale_log2) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ std::int32_t part[attention_threads];
-  auto& sm = *reinterpret_cast<attention_smem<T, D>*>(smem_raw);
-  const sparse_scratch sc = sparse_scratch::at(scratch_base + blockIdx.x * slot_bytes, D, max_blocks, p.top_k);
-  const std::int64_t items = table[p.seqs.count].range_offset * p.q_heads, top_k = p.top_k;
-  const int tid = threadIdx.x;
-
-  for (std::int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const std::int64_t range = item / p.q_heads, h = item % p.q_heads, kvh = p.kv_head(h);
-    const std::int64_t s = find_sequence(table, p.seqs.count, range, [](const sequence_desc& e) { return e.range_offset; });
-    const sequence_desc& e = table[s];
-    const sequence_info seq = e.seq;
-    const std::int64_t i0 = (range - e.range_offset) * range_rows;
-    const std::int64_t rows = seq.q_len - i0 < range_rows ? seq.q_len - i0 : range_rows;
-    const std::int64_t blocks = core::current_block(seq.pos(i0 + rows - 1), p.block_size) + 1;
-    const std::int32_t* my_sel = sel + ((e.row_offset + i0) * p.q_heads + h) * top_k;
-
-    for (std::int64_t x = tid; x < rows * D; x += attention_threads) sc.o[x] = 0.f;
-    for (std::int64_t x = tid; x < rows; x += attention_threads) {
-      sc.m[x] = -INFINITY;
-      sc.l[x] = 0.f;
-    }
-    for (std::int64_t j = tid; j < blocks; j += attention_threads) sc.begin[j] = 0;
-    __syncthreads();
-    for (std::int64_t x = tid; x < rows * top_k; x += attention_threads) {
-      const std::int32_t j = my_sel[(x / top_k) * p.q_heads * top_k + x % top_k];
-      if (j >= 0) atomicAdd(&sc.begin[j], 1);
-    }
-    __syncthreads();
-    {  // exclusive scan of the counts: chunk per thread, then a serial scan of the chunk sums
-      const std::int64_t chunk = (blocks + attention_threads - 1) / attention_threads;
-      const std::int64_t b = tid * chunk, b_end = b + chunk < blocks ? b + chunk : blocks;
-      std::int32_t sum = 0;
-      for (std::int64_t j = b; j < b_end; ++j) sum += sc.begin[j];
-      part[tid] = sum;
-      __syncthreads();
-      if (tid == 0) {
-        std::int32_t run = 0;
-        for (int x = 0; x < attention_threads; ++x) {
-          const std::int32_t v = part[x];
-          part[x] = run;
-          run += v;
-        }
-      }
-      __syncthreads();
-      std::int32_t run = part[tid];
-      for (std::int64_t j = b; j < b_end; ++j) {
-        const std::int32_t v = sc.begin[j];
-        sc.begin[j] = sc.end[j] = run;
-        run += v;
-      }
-    }
-    __syncthreads();
-    for (std::int64_t x = tid; x < rows * top_k; x += attention_threads) {
-      const std::int32_t j = my_sel[(x / top_k) * p.q_heads * top_k + x % top_k];
-      if (j >= 0) sc.rows[atomicAdd(&sc.end[j], 1)] = static_cast<std::int32_t>(x / top_k);
-    }
-    __syncthreads();
-
-    const int r0 = tid / 32 * 16 + tid % 32 / 4, t = tid % 4;
-    for (std::int64_t j = 0; j < blocks; ++j) {
-      const std::int32_t list_begin = sc.begin[j], list_end = sc.end[j];
-      for (std::int32_t t0 = list_begin; t0 < list_end; t0 += tile_rows) {
-        if (tid < tile_rows) {
-          const std::int64_t li = t0 + tid < list_end ? sc.rows[t0 + tid] : -1;
-          sm.row[tid] = li;
-          sm.pos[tid] = li >= 0 ? seq.pos(i0 + li) : -1;
-        }
-        __syncthreads();
-        // Rows are offsets inside the range: load_queries reads q at i0 + row.
-        {
-          constexpr int chunks = D / 8;
-          for (int x = tid; x < tile_rows * chunks; x += attention_threads) {
-            const int r = x / chunks, c = x % chunks;
-            const std::int64_t li = sm.row[r];
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (li >= 0) v = *reinterpret_cast<const uint4*>(row_ptr(p.q, seq.batch, seq.q_start + i0 + li, h) + c * 8);
-            *reinterpret_cast<uint4*>(&sm.q[r][c * 8]) = v;
-          }
-        }
-        __syncthreads();
-        row_state<D> st;
-        init_state(st);
-        const std::int64_t li[2] = {sm.row[r0], sm.row[r0 + 8]};
-#pragma unroll
-        for (int ri = 0; ri < 2; ++ri) {
-          if (li[ri] < 0) continue;
-          st.m[ri] = sc.m[li[ri]];
-          st.l[ri] = sc.l[li[ri]];
-#pragma unroll
-          for (int dn = 0; dn < D / 8; ++dn) {
-            const float2 v = *reinterpret_cast<const float2*>(&sc.o[li[ri] * D + dn * 8 + 2 * t]);
-            st.o[dn][2 * ri] = v.x;
-            st.o[dn][2 * ri + 1] = v.y;
-          }
-        }
-        attend_keys(sm, p, seq, kvh, core::block_begin(j, p.block_size),
-                    core::block_end(j, p.block_size, seq.k_len), scale_log2, st);
-#pragma unroll
-        for (int ri = 0; ri < 2; ++ri) {
-          if (li[ri] < 0) continue;
-          if (t == 0) {
-            sc.m[li[ri]] = st.m[ri];
-            sc.l[li[ri]] = st.l[ri];
-          }
-#pragma unroll
-          for (int dn = 0; dn < D / 8; ++dn)
-            *reinterpret_cast<float2*>(&sc.o[li[ri] * D + dn * 8 + 2 * t]) = make_float2(st.o[dn][2 * ri], st.o[dn][2 * ri + 1]);
-        }
-        __syncthreads();
-      }
-    }
-
-    for (std::int64_t x = tid; x < rows * D; x += attention_threads) {
-      const std::int64_t r = x / D, d = x % D;
-      row_ptr(p.out, seq.batch, seq.q_start + i0 + r, h)[d] = from_float<T>(sc.o[x] / sc.l[r]);
-    }
-    if (p.lse.given())
-      for (std::int64_t r = tid; r < rows; r += attention_threads)
-        p.lse(seq.batch, seq.q_start + i0 + r, h) = (sc.m[r] + log2f(sc.l[r])) * 0.6931471805599453f;
-    __syncthreads();
+__device__ void finish_row(const core::fwd_params<T>& p, const sequence_desc& e, std::int64_t i, std::int64_t h,
+                           const row_state<D>& st, int ri, const epilogue& ep, bool merge) {
+  const int t = threadIdx.x % 4;
+  T* out = row_ptr(p.out, e.seq.batch, e.seq.q_start + i, h);
+  float* lse2 = ep.lse2 ? ep.lse2 + (e.row_offset + i) * p.q_heads + h : nullptr;
+  float part = st.m[ri] + log2f(st.l[ri]), w_old = 0.f, w_new = 1.f / st.l[ri];
+  if (merge) {
+    const float old = *lse2, top = fmaxf(old, part);
+    const float total = top + log2f(exp2f(old - top) + exp2f(part - top));
+    w_old = exp2f(old - total);
+    w_new = exp2f(st.m[ri] - total);
+    part = total;
   }
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    T* x = out + dn * 8 + 2 * t;
+    float a = st.o[4 * dn + 2 * ri] * w_new, b = st.o[4 * dn + 2 * ri + 1] * w_new;
+    if (merge) {
+      a += to_float(x[0]) * w_old;
+      b += to_float(x[1]) * w_old;
+    }
+    x[0] = from_float<T>(a);
+    x[1] = from_float<T>(b);
+  }
+  if (t != 0) return;
+  if (!ep.final_pass) *lse2 = part;
+  else if (p.lse.given()) p.lse(e.seq.batch, e.seq.q_start + i, h) = part * 0.6931471805599453f;
+}
+
+/// Zeroes this thread's state.
+template <int D>
+__device__ __forceinline__ void init_state(row_state<D>& st) {
+#pragma unroll
+  for (int e = 0; e < D / 2; ++e) st.o[e] = 0.f;
+  st.m[0] = st.m[1] = -INFINITY;
+  st.l[0] = st.l[1] = 0.f;
+}
+
+/// Query tiles: grid (total query tiles, Hq). Row i attends keys [lo, pos(i)] with lo = 0 (mode full)
+/// or the start of its current block (mode sparse; the last pass, merging the history passes).
+template <class T, int D>
+__global__ void __launch_bounds__(attention_threads, 1)
+    causal_kernel(core::fwd_params<T> p, const sequence_desc* table, epilogue ep, float scale_log2) {
+  extern __shared__ unsigned char smem_raw[];
+  auto& sm = attention_smem<T, D>::at(smem_raw);
+  const std::int64_t h = blockIdx.y, kvh = p.kv_head(h);
+  const std::int64_t s = find_sequence(table, p.seqs.count, blockIdx.x, [](const sequence_desc& e) { return e.tile_offset; });
+  const sequence_desc& e = table[s];
+  const std::int64_t i0 = (blockIdx.x - e.tile_offset) * tile_rows;
+  const std::int64_t rows = e.seq.q_len - i0 < tile_rows ? e.seq.q_len - i0 : tile_rows;
+  if (threadIdx.x < tile_rows) {
+    const int r = threadIdx.x;
+    const std::int64_t pos = r < rows ? e.seq.pos(i0 + r) : 0;
+    sm.query[r] = r < rows ? static_cast<std::int32_t>(i0 + r) : -1;
+    sm.lo[r] = r >= rows ? 0 : p.full ? 0 : core::block_begin(core::current_block(pos, p.block_size), p.block_size);
+    sm.hi[r] = r < rows ? pos + 1 : 0;
+  }
+  load_rows_async<T, D, tile_rows>(sm.q, [&](int r) -> const T* {
+    return r < rows ? row_ptr(p.q, e.seq.batch, e.seq.q_start + i0 + r, h) : nullptr;
+  });
+  cp_async_commit();
+  tile_spans(sm);
+  row_state<D> st;
+  init_state(st);
+  attend_tile(sm, p, e.seq, kvh, sm.lo[0], sm.hi[rows - 1], scale_log2, st);
+  const int r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+  for (int ri = 0; ri < 2; ++ri) {
+    const std::int64_t i = sm.query[r0 + 8 * ri];
+    if (i < 0) continue;
+    const std::int64_t c = core::current_block(e.seq.pos(i), p.block_size);
+    finish_row(p, e, i, h, st, ri, ep, ep.merge && core::history_count(c, p.top_k, p.full) > 0);
+  }
+}
+
+/// The rows (query, head) whose history block in one selection slot is key block j, listed per
+/// key x = kvh · total_blocks + global block (slots.cuh): rows[start[x] .. start[x + 1]), in
+/// tile_rows tiles numbered from tile_start[x].
+struct slot_lists {
+  const std::int64_t* start;       // [keys + 1]
+  const std::int64_t* tile_start;  // [keys + 1]
+  const std::int32_t* rows;        // entries i · Hq + h
+  std::int64_t total_blocks;
+};
+
+/// One selection slot: grid (an upper bound on the slot's tiles); CTA x takes tile x. Each row is in
+/// at most one tile of a slot, so its merge into out / lse2 needs no atomics.
+template <class T, int D>
+__global__ void __launch_bounds__(attention_threads, 1)
+    history_kernel(core::fwd_params<T> p, const sequence_desc* table, slot_lists lists, epilogue ep, float scale_log2) {
+  extern __shared__ unsigned char smem_raw[];
+  auto& sm = attention_smem<T, D>::at(smem_raw);
+  const std::int64_t keys = p.kv_heads * lists.total_blocks, tile = blockIdx.x;
+  if (tile >= lists.tile_start[keys]) return;
+  std::int64_t lo = 0, hi = keys;  // tile_start[lo] <= tile < tile_start[hi]
+  while (hi - lo > 1) {
+    const std::int64_t mid = (lo + hi) / 2;
+    if (lists.tile_start[mid] <= tile) lo = mid; else hi = mid;
+  }
+  const std::int64_t kvh = lo / lists.total_blocks, gblock = lo % lists.total_blocks;
+  const std::int64_t s = find_sequence(table, p.seqs.count, gblock, [](const sequence_desc& e) { return e.block_offset; });
+  const sequence_desc& e = table[s];
+  const std::int64_t j = gblock - e.block_offset;
+  const std::int64_t begin = lists.start[lo] + (tile - lists.tile_start[lo]) * tile_rows;
+  const std::int64_t rows = lists.start[lo + 1] - begin < tile_rows ? lists.start[lo + 1] - begin : tile_rows;
+  const std::int32_t* entries = lists.rows + begin;
+  const std::int64_t k_begin = core::block_begin(j, p.block_size), k_end = core::block_end(j, p.block_size, e.seq.k_len);
+  if (threadIdx.x < tile_rows) {
+    const int r = threadIdx.x;
+    const std::int32_t x = r < rows ? entries[r] : -1;
+    sm.query[r] = x < 0 ? -1 : static_cast<std::int32_t>(x / p.q_heads);
+    sm.head[r] = x < 0 ? 0 : static_cast<std::int32_t>(x % p.q_heads);
+    sm.lo[r] = x < 0 ? 0 : k_begin;
+    sm.hi[r] = x < 0 ? 0 : k_end;
+  }
+  __syncthreads();
+  load_rows_async<T, D, tile_rows>(sm.q, [&](int r) -> const T* {
+    return sm.query[r] >= 0 ? row_ptr(p.q, e.seq.batch, e.seq.q_start + sm.query[r], sm.head[r]) : nullptr;
+  });
+  cp_async_commit();
+  tile_spans(sm);
+  row_state<D> st;
+  init_state(st);
+  attend_tile(sm, p, e.seq, kvh, k_begin, k_end, scale_log2, st);
+  const int r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+  for (int ri = 0; ri < 2; ++ri)
+    if (sm.query[r0 + 8 * ri] >= 0)
+      finish_row(p, e, sm.query[r0 + 8 * ri], sm.head[r0 + 8 * ri], st, ri, ep, ep.merge);
 }
 
 /// CUDA-core path (float, and any dtype as a fallback): one warp per (query, head), lanes split the

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include <moba/dtype.hpp>
+#include <moba/tensor_view.hpp>
 
 namespace moba::backends::cuda {
 

@@ -18,54 +18,58 @@
 #include <moba/backends/cuda/check.hpp>
 #include <moba/backends/cuda/gate.cuh>
 #include <moba/backends/cuda/sequences.hpp>
+#include <moba/backends/cuda/slots.cuh>
 #include <moba/backends/cuda/tile_size.hpp>
 #include <moba/core/dispatch.hpp>
 #include <moba/core/params.hpp>
 
 namespace moba::backends::cuda {
 
-static_assert(tile_rows == gate_rows, "the gate and the dense kernel share the sequence table's tile offsets");
-
 /// Where each part of the device workspace lies (byte offsets, 256-aligned) for one call.
 struct workspace_layout {
-  std::int64_t table = 0, kbar = 0, sel = 0, scratch = 0, total = 0;
-  std::int64_t slot_bytes = 0, slots = 0, max_blocks = 0, sel_width = 0;
+  std::int64_t table = 0, kbar = 0, sel = 0, lse2 = 0, counts = 0, start = 0, tile_start = 0, rows = 0, total = 0;
+  std::int64_t total_blocks = 0, passes = 0;  // history passes: the most history blocks any query has
 };
 
 inline std::int64_t align256(std::int64_t n) { return (n + 255) / 256 * 256; }
 
 /// The sequence table of a call, and the layout of the workspace it needs.
 template <class T>
-workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* table, int multiprocessors) {
+workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* table) {
   std::vector<sequence_desc> local;
   std::vector<sequence_desc>& tab = table ? *table : local;
   tab.assign(p.seqs.count + 1, {});
-  std::int64_t max_blocks = 1;
+  std::int64_t most_history = 0;
   for (std::int64_t s = 0; s < p.seqs.count; ++s) {
     const sequence_info seq = p.seqs[s];
-    const std::int64_t blocks = core::block_count(seq.k_len, p.block_size);
     tab[s].seq = seq;
-    tab[s + 1].block_offset = tab[s].block_offset + blocks;
+    tab[s + 1].block_offset = tab[s].block_offset + core::block_count(seq.k_len, p.block_size);
     tab[s + 1].tile_offset = tab[s].tile_offset + (seq.q_len + tile_rows - 1) / tile_rows;
-    tab[s + 1].range_offset = tab[s].range_offset + (seq.q_len + range_rows - 1) / range_rows;
+    tab[s + 1].gate_offset = tab[s].gate_offset + (seq.q_len + gate_rows - 1) / gate_rows;
     tab[s + 1].row_offset = tab[s].row_offset + seq.q_len;
-    max_blocks = std::max(max_blocks, blocks);
+    if (seq.q_len > 0)
+      most_history = std::max(most_history, core::history_count(core::current_block(seq.pos(seq.q_len - 1), p.block_size),
+                                                                 p.top_k, false));
   }
   const sequence_desc& totals = tab[p.seqs.count];
   workspace_layout w;
-  w.max_blocks = max_blocks;
+  w.total_blocks = totals.block_offset;
   std::int64_t at = align256(static_cast<std::int64_t>(tab.size() * sizeof(sequence_desc)));
+  auto take = [&](std::int64_t& where, std::int64_t bytes) {
+    where = at;
+    at += align256(bytes);
+  };
   if (!p.full) {
-    w.kbar = at;
-    at += align256(totals.block_offset * p.kv_heads * p.head_dim * 4);
-    w.sel = at;
-    w.sel_width = p.top_k;
-    at += align256(totals.row_offset * p.q_heads * p.top_k * 4);
-    if constexpr (!std::is_same_v<T, float>) {
-      w.scratch = at;
-      w.slot_bytes = sparse_scratch::bytes(p.head_dim, max_blocks, p.top_k);
-      w.slots = std::min<std::int64_t>(totals.range_offset * p.q_heads, 2 * static_cast<std::int64_t>(multiprocessors));
-      at += w.slot_bytes * w.slots;
+    const std::int64_t row_heads = totals.row_offset * p.q_heads, keys = p.kv_heads * w.total_blocks;
+    take(w.kbar, w.total_blocks * p.kv_heads * p.head_dim * 4);
+    take(w.sel, row_heads * p.top_k * 4);
+    if (!std::is_same_v<T, float> && most_history > 0) {
+      w.passes = most_history;
+      take(w.lse2, row_heads * 4);
+      take(w.counts, keys * 4);
+      take(w.start, (keys + 1) * 8);
+      take(w.tile_start, (keys + 1) * 8);
+      take(w.rows, row_heads * 4);
     }
   }
   w.total = at;
@@ -92,7 +96,6 @@ struct backend_impl<cuda, Dtype> {
   explicit backend_impl(const config&, cudaStream_t stream = nullptr) : stream_(stream) {
     int device = 0;
     MOBA_CUDA_CHECK(cudaGetDevice(&device));
-    MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors_, cudaDevAttrMultiProcessorCount, device));
     MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major_, cudaDevAttrComputeCapabilityMajor, device));
     MOBA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
   }
@@ -116,7 +119,7 @@ struct backend_impl<cuda, Dtype> {
   /// Device workspace bytes a forward call with these parameters needs (sequence table, block means,
   /// selections, and the sparse kernel's per-CTA scratch).
   std::int64_t workspace_size(const core::fwd_params<Dtype>& p) const {
-    return backends::cuda::plan(p, nullptr, multiprocessors_).total;
+    return backends::cuda::plan(p, nullptr).total;
   }
   /// Use caller-owned device memory (256-byte aligned) as the workspace; nullptr returns to the owned one.
   /// A call whose workspace_size exceeds `bytes` throws moba::invalid_argument before enqueuing anything.
@@ -158,7 +161,7 @@ struct backend_impl<cuda, Dtype> {
 
   void forward(const core::fwd_params<Dtype>& p) {
     namespace c = backends::cuda;
-    const c::workspace_layout w = c::plan(p, &table_, multiprocessors_);
+    const c::workspace_layout w = c::plan(p, &table_);
     const c::sequence_desc& totals = table_[p.seqs.count];
     if (totals.row_offset == 0) return;
     unsigned char* ws = workspace(w.total);
@@ -189,7 +192,7 @@ struct backend_impl<cuda, Dtype> {
       const std::size_t gate_smem = (c::gate_rows + c::gate_tile_blocks) * (p.head_dim + 4) * sizeof(float);
       MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(gate_smem)));
-      c::gate_kernel<Dtype><<<dim3(grid(totals.tile_offset), q_heads), c::gate_threads, gate_smem, stream_>>>(p, table, kbar, sel);
+      c::gate_kernel<Dtype><<<dim3(grid(totals.gate_offset), q_heads), c::gate_threads, gate_smem, stream_>>>(p, table, kbar, sel);
       c::check_launch("gate_kernel");
       if (gate_after_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_after_, stream_));
     } else if (p.selected.given()) {
@@ -208,24 +211,52 @@ struct backend_impl<cuda, Dtype> {
           head_dim_list{}, p.head_dim,
           [&](auto dim) {
             constexpr int D = decltype(dim)::value;
-            constexpr int smem = sizeof(c::attention_smem<Dtype, D>);
-            if (p.full) {
-              MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::dense_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-              c::dense_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(
-                  p, table, scale_log2);
-              c::check_launch("dense_kernel");
-            } else {
-              MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::sparse_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-              c::sparse_kernel<Dtype, D><<<grid(w.slots), c::attention_threads, smem, stream_>>>(
-                  p, table, sel, ws + w.scratch, w.slot_bytes, w.max_blocks, scale_log2);
-              c::check_launch("sparse_kernel");
+            constexpr int smem = c::attention_smem<Dtype, D>::launch_bytes;
+            const c::epilogue last{w.passes > 0 ? reinterpret_cast<float*>(ws + w.lse2) : nullptr, w.passes > 0, true};
+            if (w.passes > 0) {
+              MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::history_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+              history_passes<D>(p, w, table, sel, ws, scale_log2);
             }
+            MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::causal_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+            c::causal_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(
+                p, table, last, scale_log2);
+            c::check_launch("causal_kernel");
           },
           [] {});
     }
   }
 
  private:
+  /// Slot by slot: list the rows per (kv head, block), then attend each list to its block, merging
+  /// into out and the log2-sum-exp buffer (slot 0 writes them first).
+  template <int D>
+  void history_passes(const core::fwd_params<Dtype>& p, const backends::cuda::workspace_layout& w,
+                      const backends::cuda::sequence_desc* table, const std::int32_t* sel, unsigned char* ws,
+                      float scale_log2) {
+    namespace c = backends::cuda;
+    const std::int64_t row_heads = table_[p.seqs.count].row_offset * p.q_heads, keys = p.kv_heads * w.total_blocks;
+    auto* counts = reinterpret_cast<std::int32_t*>(ws + w.counts);
+    auto* start = reinterpret_cast<std::int64_t*>(ws + w.start);
+    auto* tile_start = reinterpret_cast<std::int64_t*>(ws + w.tile_start);
+    auto* rows = reinterpret_cast<std::int32_t*>(ws + w.rows);
+    const unsigned entry_grid = grid((row_heads + 255) / 256);
+    // At most one partly filled tile per non-empty list.
+    const unsigned tile_grid = grid((row_heads + c::tile_rows - 1) / c::tile_rows + std::min(keys, row_heads));
+    for (std::int64_t slot = 0; slot < w.passes; ++slot) {
+      MOBA_CUDA_CHECK(cudaMemsetAsync(counts, 0, keys * 4, stream_));
+      c::count_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, counts);
+      c::check_launch("count_slot_kernel");
+      c::scan_slot_kernel<<<1, c::scan_threads, 0, stream_>>>(counts, keys, start, tile_start);
+      c::check_launch("scan_slot_kernel");
+      c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, start, counts, rows);
+      c::check_launch("scatter_slot_kernel");
+      const c::epilogue ep{reinterpret_cast<float*>(ws + w.lse2), slot > 0, false};
+      c::history_kernel<Dtype, D><<<tile_grid, c::attention_threads, c::attention_smem<Dtype, D>::launch_bytes, stream_>>>(
+          p, table, c::slot_lists{start, tile_start, rows, w.total_blocks}, ep, scale_log2);
+      c::check_launch("history_kernel");
+    }
+  }
+
   static unsigned grid(std::int64_t n) {
     detail::require(n < (std::int64_t{1} << 31), "moba::cuda: grid of ", n, " blocks is too large");
     return static_cast<unsigned>(n);
@@ -246,7 +277,6 @@ struct backend_impl<cuda, Dtype> {
   }
 
   cudaStream_t stream_ = nullptr;
-  int multiprocessors_ = 1;
   int major_ = 0;
   std::vector<backends::cuda::sequence_desc> table_;
   unsigned char* owned_ = nullptr;

@@ -52,7 +52,7 @@ __device__ void store_selection(const core::fwd_params<T>& p, const sequence_des
       p.selected(e.seq.batch, e.seq.q_start + i, h, w) = w < n ? static_cast<std::int32_t>(blocks[w]) : -1;
 }
 
-/// Fused gate: grid (total query tiles of gate_rows, Hq), gate_threads threads, dynamic shared memory
+/// Fused gate: grid (total gate tiles of gate_rows queries, Hq), gate_threads threads, dynamic shared memory
 /// `(gate_rows + gate_tile_blocks) * (D + 1)` floats. Each query is owned by gate_split threads that
 /// score interleaved blocks of each kbar tile in fp32 and keep their own top (K−1) (core::top_n, the
 /// SPEC tie/NaN rule); the owners then merge their lists by shuffles.
@@ -67,9 +67,9 @@ __global__ void __launch_bounds__(gate_threads) gate_kernel(core::fwd_params<T> 
   float* q_s = gate_smem;                       // [gate_rows][D + 4]
   float* kb_s = gate_smem + gate_rows * pitch;  // [gate_tile_blocks][D + 4]
   const std::int64_t h = blockIdx.y, kvh = p.kv_head(h);
-  const std::int64_t s = find_sequence(table, p.seqs.count, blockIdx.x, [](const sequence_desc& e) { return e.tile_offset; });
+  const std::int64_t s = find_sequence(table, p.seqs.count, blockIdx.x, [](const sequence_desc& e) { return e.gate_offset; });
   const sequence_desc& e = table[s];
-  const std::int64_t i0 = (blockIdx.x - e.tile_offset) * gate_rows;
+  const std::int64_t i0 = (blockIdx.x - e.gate_offset) * gate_rows;
   const std::int64_t rows = e.seq.q_len - i0 < gate_rows ? e.seq.q_len - i0 : gate_rows;
 
   for (std::int64_t x = threadIdx.x; x < gate_rows * d_len; x += gate_threads) {

@@ -1,0 +1,90 @@
+// SPDX-License-Identifier: MIT
+/// @file Selection slots -> per-block row lists (a counting sort), one slot at a time. Slot s of a
+/// query is its s-th history block (ascending); a query appears at most once per slot, so the
+/// attention of one slot can merge each row's result into `out` without atomics.
+#pragma once
+
+#include <cstdint>
+
+#include <moba/backends/cuda/sequences.hpp>
+#include <moba/backends/cuda/tile_size.hpp>
+#include <moba/core/blocks.hpp>
+#include <moba/core/gate.hpp>
+#include <moba/core/params.hpp>
+
+namespace moba::backends::cuda {
+
+/// Calls f(i, h, key) for the (query i of sequence e, head h) of flat thread index x (over rows × Hq)
+/// when it has a history block in `slot`; key = kvh · total_blocks + the block's global index.
+template <class T, class F>
+__device__ void for_slot_entry(const core::fwd_params<T>& p, const sequence_desc* table, const std::int32_t* sel,
+                               std::int64_t slot, std::int64_t total_blocks, F f) {
+  const std::int64_t x = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (x >= table[p.seqs.count].row_offset * p.q_heads) return;
+  const std::int64_t row = x / p.q_heads, h = x % p.q_heads;
+  const std::int64_t s = find_sequence(table, p.seqs.count, row, [](const sequence_desc& e) { return e.row_offset; });
+  const sequence_desc& e = table[s];
+  const std::int64_t i = row - e.row_offset;
+  const std::int64_t c = core::current_block(e.seq.pos(i), p.block_size);
+  if (slot >= core::history_count(c, p.top_k, false)) return;
+  const std::int32_t j = sel[x * p.top_k + slot];  // ascending: the history blocks come before c
+  if (j < 0 || j >= c) return;
+  f(i, h, p.kv_head(h) * total_blocks + e.block_offset + j);
+}
+
+template <class T>
+__global__ void count_slot_kernel(core::fwd_params<T> p, const sequence_desc* table, const std::int32_t* sel,
+                                  std::int64_t slot, std::int64_t total_blocks, std::int32_t* counts) {
+  for_slot_entry(p, table, sel, slot, total_blocks,
+                 [&](std::int64_t, std::int64_t, std::int64_t key) { atomicAdd(&counts[key], 1); });
+}
+
+/// One CTA of scan_threads: start = exclusive prefix sum of counts[0, n), tile_start = the same of
+/// their tile_rows tile counts; both get the total at index n.
+inline constexpr int scan_threads = 1024;
+template <class Count>  // a template so that every translation unit may define it (header-only)
+__global__ void __launch_bounds__(scan_threads) scan_slot_kernel(const Count* counts, std::int64_t n,
+                                                                 std::int64_t* start, std::int64_t* tile_start) {
+  __shared__ std::int64_t rows_part[scan_threads], tiles_part[scan_threads];
+  const int tid = threadIdx.x;
+  const std::int64_t chunk = (n + scan_threads - 1) / scan_threads;
+  const std::int64_t b = tid * chunk, e = b + chunk < n ? b + chunk : n;
+  std::int64_t rows = 0, tiles = 0;
+  for (std::int64_t x = b; x < e; ++x) {
+    rows += counts[x];
+    tiles += (counts[x] + tile_rows - 1) / tile_rows;
+  }
+  rows_part[tid] = rows;
+  tiles_part[tid] = tiles;
+  for (int off = 1; off < scan_threads; off *= 2) {  // inclusive Hillis-Steele scan
+    __syncthreads();
+    const std::int64_t a = tid >= off ? rows_part[tid - off] : 0, t = tid >= off ? tiles_part[tid - off] : 0;
+    __syncthreads();
+    rows_part[tid] += a;
+    tiles_part[tid] += t;
+  }
+  rows = rows_part[tid] - rows;
+  tiles = tiles_part[tid] - tiles;
+  for (std::int64_t x = b; x < e; ++x) {
+    start[x] = rows;
+    tile_start[x] = tiles;
+    rows += counts[x];
+    tiles += (counts[x] + tile_rows - 1) / tile_rows;
+  }
+  if (tid == scan_threads - 1) {
+    start[n] = rows_part[tid];
+    tile_start[n] = tiles_part[tid];
+  }
+}
+
+/// rows[start[key] + ...] = i · Hq + h; counts run down to zero as the cursor.
+template <class T>
+__global__ void scatter_slot_kernel(core::fwd_params<T> p, const sequence_desc* table, const std::int32_t* sel,
+                                    std::int64_t slot, std::int64_t total_blocks, const std::int64_t* start,
+                                    std::int32_t* counts, std::int32_t* rows) {
+  for_slot_entry(p, table, sel, slot, total_blocks, [&](std::int64_t i, std::int64_t h, std::int64_t key) {
+    rows[start[key] + atomicSub(&counts[key], 1) - 1] = static_cast<std::int32_t>(i * p.q_heads + h);
+  });
+}
+
+}  // namespace moba::backends::cuda
