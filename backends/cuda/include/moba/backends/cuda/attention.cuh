@@ -42,7 +42,7 @@ struct attention_smem {
 
 /// Online-softmax state of the two rows (r, r + 8) a thread holds: unnormalised output in the mma
 /// accumulator layout (o[4n + e]: column 8n + 2t + e % 2 of row e / 2), running max in log2 units
-/// and running sum.
+/// and running sum (of this thread's columns inside attend_tile, of the whole row once it returns).
 template <int D>
 struct row_state {
   float o[D / 2];
@@ -50,17 +50,11 @@ struct row_state {
   float l[2];
 };
 
-/// Copies 16-byte chunks of `rows` rows of D elements into a swizzled tile; `src(r)` is row r's
-/// address or null (zeros).
-template <class T, int D, int Rows, class Src>
-__device__ __forceinline__ void load_rows_async(T* tile, Src src) {
-  constexpr int chunks = D / 8;
-  for (int x = threadIdx.x; x < Rows * chunks; x += attention_threads) {
-    const int r = x / chunks, c = x % chunks;
-    const T* row = src(r);
-    cp_async_16(reinterpret_cast<unsigned char*>(tile) + swizzled_offset<Rows>(r, c * 8), row ? row + c * 8 : nullptr,
-                row != nullptr);
-  }
+/// 2^x in one MUFU instruction (subnormal results flush to zero: weights that small do not count).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 /// S (this thread's share of the group's rows × tile_keys) = Q · K^T of stage `buf`.
@@ -160,13 +154,12 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
     span_hi = sm.warp_hi[w] > span_hi ? sm.warp_hi[w] : span_hi;
   }
 
+  const T* k_rows = row_ptr(p.k, seq.batch, seq.k_start, kvh);
+  const T* v_rows = row_ptr(p.v, seq.batch, seq.k_start, kvh);
   auto load_kv = [&](int buf, std::int64_t k0) {  // keys at or past k_end read as zeros
-    load_rows_async<T, D, tile_keys>(sm.k[buf], [&](int r) -> const T* {
-      return k0 + r < k_end ? row_ptr(p.k, seq.batch, seq.k_start + k0 + r, kvh) : nullptr;
-    });
-    load_rows_async<T, D, tile_keys>(sm.v[buf], [&](int r) -> const T* {
-      return k0 + r < k_end ? row_ptr(p.v, seq.batch, seq.k_start + k0 + r, kvh) : nullptr;
-    });
+    const int valid = static_cast<int>(k_end - k0 < tile_keys ? k_end - k0 : tile_keys);
+    load_tile_async<T, D, tile_keys>(sm.k[buf], k_rows + k0 * p.k.stride[1], p.k.stride[1], valid);
+    load_tile_async<T, D, tile_keys>(sm.v[buf], v_rows + k0 * p.v.stride[1], p.v.stride[1], valid);
     cp_async_commit();
   };
   if (k_begin < k_end) load_kv(0, k_begin);
@@ -180,17 +173,25 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
     if (k0 < span_hi && k0 + tile_keys > span_lo) {  // uniform over the group
       float s[tile_keys / 2];
       tile_scores(sm, buf, s);
-      const bool masked = !(k0 >= lo_max && k0 + tile_keys <= hi_min);
+#pragma unroll
+      for (int e = 0; e < tile_keys / 2; ++e) s[e] *= scale_log2;
+      if (!(k0 >= lo_max && k0 + tile_keys <= hi_min)) {  // some row of the warp misses some key of the tile
+        int lo_in[2], hi_in[2];  // the row's keys as columns of this tile
+        for (int ri = 0; ri < 2; ++ri) {
+          lo_in[ri] = static_cast<int>(lo[ri] - k0 < 0 ? 0 : lo[ri] - k0 > tile_keys ? tile_keys : lo[ri] - k0);
+          hi_in[ri] = static_cast<int>(hi[ri] - k0 < 0 ? 0 : hi[ri] - k0 > tile_keys ? tile_keys : hi[ri] - k0);
+        }
+#pragma unroll
+        for (int nt = 0; nt < tile_keys / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = nt * 8 + 2 * t + (e & 1);
+            if (col < lo_in[e / 2] || col >= hi_in[e / 2]) s[4 * nt + e] = -INFINITY;
+          }
+      }
       float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int nt = 0; nt < tile_keys / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int ri = e / 2;
-          const std::int64_t key = k0 + nt * 8 + 2 * t + (e & 1);
-          s[4 * nt + e] = !masked || (key >= lo[ri] && key < hi[ri]) ? s[4 * nt + e] * scale_log2 : -INFINITY;
-          row_max[ri] = fmaxf(row_max[ri], s[4 * nt + e]);
-        }
+      for (int e = 0; e < tile_keys / 2; ++e) row_max[(e / 2) % 2] = fmaxf(row_max[(e / 2) % 2], s[e]);
       float alpha[2], m_use[2];
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
@@ -198,7 +199,7 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
         row_max[ri] = fmaxf(row_max[ri], __shfl_xor_sync(0xffffffffu, row_max[ri], 2));
         const float m_new = fmaxf(st.m[ri], row_max[ri]);
         m_use[ri] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing yet stays at weight 0, not NaN
-        alpha[ri] = exp2f(st.m[ri] - m_use[ri]);
+        alpha[ri] = fast_exp2(st.m[ri] - m_use[ri]);
         st.m[ri] = m_new;
       }
       float row_sum[2] = {0.f, 0.f};
@@ -207,7 +208,7 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
       for (int nt = 0; nt < tile_keys / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[4 * nt + e] = exp2f(s[4 * nt + e] - m_use[e / 2]);
+          s[4 * nt + e] = fast_exp2(s[4 * nt + e] - m_use[e / 2]);
           row_sum[e / 2] += s[4 * nt + e];
         }
         // The S accumulator of key columns 16kc..16kc+15 is exactly the A fragment of P·V.
@@ -215,11 +216,7 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
         pa[nt / 2][(nt % 2) * 2 + 1] = pack2<T>(s[4 * nt + 2], s[4 * nt + 3]);
       }
 #pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        row_sum[ri] += __shfl_xor_sync(0xffffffffu, row_sum[ri], 1);
-        row_sum[ri] += __shfl_xor_sync(0xffffffffu, row_sum[ri], 2);
-        st.l[ri] = st.l[ri] * alpha[ri] + row_sum[ri];
-      }
+      for (int ri = 0; ri < 2; ++ri) st.l[ri] = st.l[ri] * alpha[ri] + row_sum[ri];  // this thread's columns only
 #pragma unroll
       for (int e = 0; e < D / 2; ++e) st.o[e] *= alpha[(e / 2) % 2];
       tile_values(sm, buf, pa, st.o);
@@ -227,6 +224,11 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
     __syncthreads();  // stage `buf` is refilled by the next iteration's copy
   }
   cp_async_wait<0>();
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {  // the row's sum over the 4 threads that share it
+    st.l[ri] += __shfl_xor_sync(0xffffffffu, st.l[ri], 1);
+    st.l[ri] += __shfl_xor_sync(0xffffffffu, st.l[ri], 2);
+  }
 }
 
 /// Fills sm.warp_lo / sm.warp_hi from sm.lo / sm.hi (used rows only) and waits for every thread.

@@ -45,7 +45,6 @@ workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* 
     tab[s].seq = seq;
     tab[s + 1].block_offset = tab[s].block_offset + core::block_count(seq.k_len, p.block_size);
     tab[s + 1].tile_offset = tab[s].tile_offset + (seq.q_len + tile_rows - 1) / tile_rows;
-    tab[s + 1].gate_offset = tab[s].gate_offset + (seq.q_len + gate_rows - 1) / gate_rows;
     tab[s + 1].row_offset = tab[s].row_offset + seq.q_len;
     if (seq.q_len > 0)
       most_history = std::max(most_history, core::history_count(core::current_block(seq.pos(seq.q_len - 1), p.block_size),
@@ -61,7 +60,7 @@ workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* 
   };
   if (!p.full) {
     const std::int64_t row_heads = totals.row_offset * p.q_heads, keys = p.kv_heads * w.total_blocks;
-    take(w.kbar, w.total_blocks * p.kv_heads * p.head_dim * 4);
+    take(w.kbar, w.total_blocks * p.kv_heads * kbar_pieces * p.head_dim * 2);
     take(w.sel, row_heads * p.top_k * 4);
     if (!std::is_same_v<T, float> && most_history > 0) {
       w.passes = most_history;
@@ -137,8 +136,8 @@ struct backend_impl<cuda, Dtype> {
   }
 
   void check(const core::fwd_params<Dtype>& p) const {
-    detail::require(major_ >= 8 || !tensor_cores, name, " needs compute capability >= 8.0 for ", dtype_traits<Dtype>::name,
-                    "; this device has ", major_, ".x");
+    detail::require(major_ >= 8, name, " needs compute capability >= 8.0 (bf16 tensor cores, also for the gate); this device has ",
+                    major_, ".x");
     detail::require(p.full || p.top_k <= backends::cuda::max_top_k, name, " supports top_k <= ",
                     backends::cuda::max_top_k, " in sparse mode; got ", p.top_k);
     if constexpr (tensor_cores) {
@@ -184,16 +183,20 @@ struct backend_impl<cuda, Dtype> {
     const auto q_heads = static_cast<unsigned>(p.q_heads);
     std::int32_t* sel = nullptr;
     if (!p.full) {
-      auto* kbar = reinterpret_cast<float*>(ws + w.kbar);
+      auto* kbar = reinterpret_cast<bfloat16*>(ws + w.kbar);
       sel = reinterpret_cast<std::int32_t*>(ws + w.sel);
       if (gate_before_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_before_, stream_));
       c::block_means_kernel<Dtype><<<dim3(grid(totals.block_offset), static_cast<unsigned>(p.kv_heads)), 256, 0, stream_>>>(p, table, kbar);
       c::check_launch("block_means_kernel");
-      const std::size_t gate_smem = (c::gate_rows + c::gate_tile_blocks) * (p.head_dim + 4) * sizeof(float);
-      MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(gate_smem)));
-      c::gate_kernel<Dtype><<<dim3(grid(totals.gate_offset), q_heads), c::gate_threads, gate_smem, stream_>>>(p, table, kbar, sel);
-      c::check_launch("gate_kernel");
+      core::with_head_dim(
+          head_dim_list{}, p.head_dim,
+          [&](auto dim) {
+            constexpr int D = decltype(dim)::value, smem = c::gate_smem<Dtype, D>::launch_bytes;
+            MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+            c::gate_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(p, table, kbar, sel);
+            c::check_launch("gate_kernel");
+          },
+          [] {});
       if (gate_after_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_after_, stream_));
     } else if (p.selected.given()) {
       c::full_selection_kernel<Dtype><<<dim3(grid((totals.row_offset + 127) / 128), q_heads), 128, 0, stream_>>>(p, table);

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: MIT
-/// @file Gating kernels: key-block means (fp32) and fused scores + top-k per query (SPEC §Blocks 2–5).
-/// Scores live in registers only: no [queries × blocks] matrix is ever written.
+/// @file Gating kernels: key-block means (fp32, stored as bf16 pieces) and fused scores + top-k per query
+/// (SPEC §Blocks 2–5). Scores live in registers only: no [queries × blocks] matrix is ever written.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <moba/backends/cuda/element.cuh>
+#include <moba/backends/cuda/mma_sm80.cuh>
 #include <moba/backends/cuda/sequences.hpp>
 #include <moba/backends/cuda/tile_size.hpp>
 #include <moba/core/blocks.hpp>
@@ -14,10 +16,30 @@
 
 namespace moba::backends::cuda {
 
-/// kbar `[total_blocks, Hkv, D]` fp32: grid (total blocks, Hkv), 256 threads striding (dim, key).
+/// A float as the sum of N bf16 pieces, largest first, each the rounding of what the earlier ones left:
+/// three pieces carry a float's 24-bit significand, so products of pieces are exact on tensor cores.
+/// A non-finite value keeps only its first piece.
+template <int N>
+__device__ __forceinline__ void split_bf16(float x, bfloat16 (&piece)[N]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    piece[n] = from_float<bfloat16>(x);
+    x = isfinite(x) ? x - to_float(piece[n]) : 0.f;
+  }
+}
+
+/// Pieces of the query (exact: bf16 needs one, fp16's 11-bit significand two, float three) and of
+/// kbar (three). The gate multiplies the pairs whose piece numbers sum to at most 2: the dropped
+/// terms are below 2^-24 of the score, fp32 rounding.
+template <class T>
+inline constexpr int q_pieces = std::is_same_v<T, bfloat16> ? 1 : std::is_same_v<T, float16> ? 2 : 3;
+inline constexpr int kbar_pieces = 3;
+
+/// kbar `[total_blocks, Hkv, kbar_pieces, D]` bf16 pieces of the fp32 block means: grid (total blocks,
+/// Hkv), 256 threads striding (dim, key).
 template <class T>
 __global__ void __launch_bounds__(256) block_means_kernel(core::fwd_params<T> p, const sequence_desc* table,
-                                                           float* kbar) {
+                                                           bfloat16* kbar) {
   __shared__ float partial[256];
   const std::int64_t gblock = blockIdx.x, kvh = blockIdx.y, d_len = p.head_dim;
   const std::int64_t s = find_sequence(table, p.seqs.count, gblock, [](const sequence_desc& e) { return e.block_offset; });
@@ -34,7 +56,9 @@ __global__ void __launch_bounds__(256) block_means_kernel(core::fwd_params<T> p,
   __syncthreads();
   if (threadIdx.x < d_len) {
     for (int x = 1; x < stripes; ++x) sum += partial[x * d_len + threadIdx.x];
-    kbar[(gblock * p.kv_heads + kvh) * d_len + d] = sum / static_cast<float>(end - begin);
+    bfloat16 piece[kbar_pieces];
+    split_bf16(sum / static_cast<float>(end - begin), piece);
+    for (int n = 0; n < kbar_pieces; ++n) kbar[((gblock * p.kv_heads + kvh) * kbar_pieces + n) * d_len + d] = piece[n];
   }
 }
 
@@ -52,101 +76,143 @@ __device__ void store_selection(const core::fwd_params<T>& p, const sequence_des
       p.selected(e.seq.batch, e.seq.q_start + i, h, w) = w < n ? static_cast<std::int32_t>(blocks[w]) : -1;
 }
 
-/// Fused gate: grid (total gate tiles of gate_rows queries, Hq), gate_threads threads, dynamic shared memory
-/// `(gate_rows + gate_tile_blocks) * (D + 1)` floats. Each query is owned by gate_split threads that
-/// score interleaved blocks of each kbar tile in fp32 and keep their own top (K−1) (core::top_n, the
-/// SPEC tie/NaN rule); the owners then merge their lists by shuffles.
-template <class T>
-__global__ void __launch_bounds__(gate_threads) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
-                                                             const float* kbar, std::int32_t* sel) {
-  extern __shared__ float4 gate_smem4[];
-  float* gate_smem = reinterpret_cast<float*>(gate_smem4);
-  // Rows padded to D + 4 floats: 16-byte loads, and the 8 query rows / 4 block rows a warp reads
-  // at once fall in distinct banks.
-  const std::int64_t d_len = p.head_dim, pitch = d_len + 4;
-  float* q_s = gate_smem;                       // [gate_rows][D + 4]
-  float* kb_s = gate_smem + gate_rows * pitch;  // [gate_tile_blocks][D + 4]
+/// Shared memory of the gate: the query tile's pieces, and two stages of kbar pieces for
+/// gate_tile_blocks blocks, each stored like the attention tiles (swizzled_offset).
+template <class T, int D>
+struct gate_smem {
+  alignas(1024) bfloat16 q[q_pieces<T>][tile_rows * D];
+  alignas(1024) bfloat16 kbar[2][kbar_pieces][gate_tile_blocks * D];
+  static constexpr int launch_bytes = sizeof(gate_smem) + 1024;
+};
+
+/// Fused gate: grid (query tiles of tile_rows, Hq), attention_threads threads, gate_smem. Scores
+/// q · kbar come from bf16 tensor-core products of the pieces (split_bf16) with fp32 accumulation:
+/// fp32 scores, never stored. A warp scores 16 rows; each thread holds 2 rows × 2 of every 8 blocks
+/// (the mma layout) and keeps its own top (K−1) (core::top_n, the SPEC tie/NaN rule). A threshold
+/// shared by the 4 threads of a row (the best of their full lists' worst scores) rejects most
+/// candidates without an insertion; the 4 lists are merged by shuffles at the end.
+template <class T, int D>
+__global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
+                                                                  const bfloat16* kbar, std::int32_t* sel) {
+  extern __shared__ unsigned char gate_raw[];
+  auto& sm = *reinterpret_cast<gate_smem<T, D>*>((reinterpret_cast<std::uintptr_t>(gate_raw) + 1023) & ~std::uintptr_t{1023});
+  constexpr int qp = q_pieces<T>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4, mi = lane / 8, mr = lane % 8;
   const std::int64_t h = blockIdx.y, kvh = p.kv_head(h);
-  const std::int64_t s = find_sequence(table, p.seqs.count, blockIdx.x, [](const sequence_desc& e) { return e.gate_offset; });
+  const std::int64_t s = find_sequence(table, p.seqs.count, blockIdx.x, [](const sequence_desc& e) { return e.tile_offset; });
   const sequence_desc& e = table[s];
-  const std::int64_t i0 = (blockIdx.x - e.gate_offset) * gate_rows;
-  const std::int64_t rows = e.seq.q_len - i0 < gate_rows ? e.seq.q_len - i0 : gate_rows;
-
-  for (std::int64_t x = threadIdx.x; x < gate_rows * d_len; x += gate_threads) {
-    const std::int64_t r = x / d_len, d = x % d_len;
-    q_s[r * pitch + d] = r < rows ? to_float(row_ptr(p.q, e.seq.batch, e.seq.q_start + i0 + r, h)[d]) : 0.f;
-  }
-  const int r = threadIdx.x / gate_split, sub = threadIdx.x % gate_split;
-  const bool valid = r < rows;
-  const std::int64_t i = i0 + r;
-  const std::int64_t c = valid ? core::current_block(e.seq.pos(i), p.block_size) : 0;
-  const std::int64_t want = valid ? core::history_count(c, p.top_k, false) : 0;
+  const std::int64_t i0 = (blockIdx.x - e.tile_offset) * tile_rows;
+  const std::int64_t rows = e.seq.q_len - i0 < tile_rows ? e.seq.q_len - i0 : tile_rows;
   const std::int64_t c_last = core::current_block(e.seq.pos(i0 + rows - 1), p.block_size);
-  std::int64_t best_index[max_top_k];
-  float best_score[max_top_k];
-  core::top_n<float> top{best_index, best_score, want};
-  // The worst kept score, in a register. Blocks are offered in increasing index, so a full list
-  // rejects any score that is not strictly greater (SPEC §Blocks 5: ties go to the lower index);
-  // a NaN worst is left to top_n's own rule.
-  float worst = NAN;
-  const float* kbar_seq = kbar + e.block_offset * p.kv_heads * d_len;
+  const bfloat16* kbar_seq = kbar + e.block_offset * p.kv_heads * kbar_pieces * D;
+  auto load_kbar = [&](int buf, std::int64_t j0) {
+    for (int n = 0; n < kbar_pieces; ++n)
+      load_rows_async<bfloat16, D, gate_tile_blocks>(sm.kbar[buf][n], [&](int r) -> const bfloat16* {
+        return j0 + r < c_last ? kbar_seq + ((j0 + r) * p.kv_heads * kbar_pieces + kvh * kbar_pieces + n) * D : nullptr;
+      });
+    cp_async_commit();
+  };
+  if (c_last > 0) load_kbar(0, 0);
 
-  for (std::int64_t j0 = 0; j0 < c_last; j0 += gate_tile_blocks) {
-    __syncthreads();
-    for (std::int64_t x = threadIdx.x; x < gate_tile_blocks * d_len; x += gate_threads) {
-      const std::int64_t b = x / d_len, d = x % d_len;
-      kb_s[b * pitch + d] = j0 + b < c_last ? kbar_seq[((j0 + b) * p.kv_heads + kvh) * d_len + d] : 0.f;
-    }
-    __syncthreads();
-    constexpr int per_thread = gate_tile_blocks / gate_split;
-    float acc[per_thread] = {};
-    const float4* qr = reinterpret_cast<const float4*>(q_s + r * pitch);
-    for (std::int64_t d4 = 0; d4 < d_len / 4; ++d4) {
-      const float4 qv = qr[d4];
+  for (int x = threadIdx.x; x < tile_rows * D; x += attention_threads) {
+    const int r = x / D, d = x % D;
+    bfloat16 piece[qp];
+    split_bf16(r < rows ? to_float(row_ptr(p.q, e.seq.batch, e.seq.q_start + i0 + r, h)[d]) : 0.f, piece);
+    for (int n = 0; n < qp; ++n)
+      *reinterpret_cast<bfloat16*>(reinterpret_cast<unsigned char*>(sm.q[n]) + swizzled_offset<tile_rows>(r, d)) = piece[n];
+  }
+  __syncthreads();
+  std::uint32_t a[qp][D / 16][4];  // this warp's query rows as mma A fragments
 #pragma unroll
-      for (int m = 0; m < per_thread; ++m) {
-        const float4 kv = reinterpret_cast<const float4*>(kb_s + (sub + gate_split * m) * pitch)[d4];
-        acc[m] = fmaf(qv.x, kv.x, acc[m]);
-        acc[m] = fmaf(qv.y, kv.y, acc[m]);
-        acc[m] = fmaf(qv.z, kv.z, acc[m]);
-        acc[m] = fmaf(qv.w, kv.w, acc[m]);
-      }
-    }
+  for (int n = 0; n < qp; ++n)
 #pragma unroll
-    for (int m = 0; m < per_thread; ++m) {
-      const std::int64_t j = j0 + sub + gate_split * m;
-      // SPEC §Blocks 4: only blocks wholly in the past are eligible.
-      if (j < c && !(top.size == want && worst == worst && !(acc[m] > worst))) {
-        top.offer(acc[m], j);
-        if (top.size == want && want > 0) worst = best_score[want - 1];
-      }
-    }
+    for (int ks = 0; ks < D / 16; ++ks)
+      ldmatrix_x4<false>(a[n][ks], reinterpret_cast<const unsigned char*>(sm.q[n]) +
+                                       swizzled_offset<tile_rows>(warp * 16 + (mi % 2) * 8 + mr, ks * 16 + (mi / 2) * 8));
+
+  std::int64_t c[2], want[2];
+  std::int64_t best_index[2][max_top_k];
+  float best_score[2][max_top_k];
+  core::top_n<float> top[2] = {{best_index[0], best_score[0], 0}, {best_index[1], best_score[1], 0}};
+  float bar[2] = {NAN, NAN};  // a score that K−1 offered blocks of the row beat or tie (NaN: none yet)
+  for (int ri = 0; ri < 2; ++ri) {
+    const std::int64_t r = warp * 16 + lane / 4 + 8 * ri;
+    c[ri] = r < rows ? core::current_block(e.seq.pos(i0 + r), p.block_size) : 0;
+    want[ri] = core::history_count(c[ri], p.top_k, false);
+    top[ri].n = want[ri];
   }
 
-  // Merge the gate_split sorted lists of this query: `want` rounds of a shuffle argmax.
-  const unsigned quad = ((1u << gate_split) - 1u) << (threadIdx.x % 32 & ~(gate_split - 1));
-  std::int64_t chosen[max_top_k];
-  std::int64_t head = 0;
-  for (std::int64_t w = 0; w < want; ++w) {
-    const bool have = head < top.size;
-    float score = have ? best_score[head] : 0.f;
-    int index = have ? static_cast<int>(best_index[head]) : -1;
-    for (int off = 1; off < gate_split; off *= 2) {
-      const float os = __shfl_xor_sync(quad, score, off);
-      const int oi = __shfl_xor_sync(quad, index, off);
-      if (oi >= 0 && (index < 0 || core::ranks_before(os, oi, score, index))) {
-        score = os;
-        index = oi;
+  int buf = 0;
+  for (std::int64_t j0 = 0; j0 < c_last; j0 += gate_tile_blocks, buf ^= 1) {
+    if (j0 + gate_tile_blocks < c_last) load_kbar(buf ^ 1, j0 + gate_tile_blocks);
+    else cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    float score[gate_tile_blocks / 2] = {};
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+      for (int nt = 0; nt < gate_tile_blocks / 8; nt += 2)
+#pragma unroll
+        for (int kn = 0; kn < kbar_pieces; ++kn) {
+          std::uint32_t b[4];
+          ldmatrix_x4<false>(b, reinterpret_cast<const unsigned char*>(sm.kbar[buf][kn]) +
+                                    swizzled_offset<gate_tile_blocks>((nt + mi / 2) * 8 + mr, ks * 16 + (mi % 2) * 8));
+#pragma unroll
+          for (int qn = 0; qn < qp && qn + kn <= 2; ++qn) {
+            mma_16816<bfloat16>(reinterpret_cast<float(&)[4]>(score[4 * nt]), a[qn][ks], b[0], b[1]);
+            mma_16816<bfloat16>(reinterpret_cast<float(&)[4]>(score[4 * nt + 4]), a[qn][ks], b[2], b[3]);
+          }
+        }
+    __syncthreads();  // stage `buf` is refilled by the next iteration's copy
+#pragma unroll
+    for (int nt = 0; nt < gate_tile_blocks / 8; ++nt)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int ri = x / 2;
+        const std::int64_t j = j0 + nt * 8 + 2 * t + (x & 1);
+        const float v = score[4 * nt + x];
+        // SPEC §Blocks 4: only blocks wholly in the past are eligible. Blocks come in increasing
+        // index, so a score that does not beat the bar cannot enter (ties go to the lower index).
+        if (j < c[ri] && !(bar[ri] == bar[ri] && !(v > bar[ri]))) {
+          top[ri].offer(v, j);
+          if (top[ri].size == want[ri] && want[ri] > 0) bar[ri] = fmaxf(bar[ri], best_score[ri][want[ri] - 1]);
+        }
       }
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {  // fmaxf skips the NaN of a thread whose list is not full
+      bar[ri] = fmaxf(bar[ri], __shfl_xor_sync(0xffffffffu, bar[ri], 1));
+      bar[ri] = fmaxf(bar[ri], __shfl_xor_sync(0xffffffffu, bar[ri], 2));
     }
-    if (have && index == best_index[head]) ++head;
-    chosen[w] = index;
   }
-  if (valid && sub == 0) {
-    chosen[want] = c;  // SPEC §Blocks 5: the current block is always one of the K
-    core::sort_ascending(chosen, want + 1);
-    store_selection(p, e, i, h, chosen, want + 1, sel, p.top_k);
+
+  // Merge the row's 4 sorted lists: top_k − 1 rounds of a shuffle argmax (uniform over the warp).
+  for (int ri = 0; ri < 2; ++ri) {
+    std::int64_t chosen[max_top_k];
+    std::int64_t head = 0;
+    for (std::int64_t w = 0; w < p.top_k - 1; ++w) {
+      const bool have = head < top[ri].size;
+      float v = have ? best_score[ri][head] : 0.f;
+      int index = have ? static_cast<int>(best_index[ri][head]) : -1;
+      for (int off = 1; off < 4; off *= 2) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, off);
+        const int oi = __shfl_xor_sync(0xffffffffu, index, off);
+        if (oi >= 0 && (index < 0 || core::ranks_before(ov, oi, v, index))) {
+          v = ov;
+          index = oi;
+        }
+      }
+      if (have && index == best_index[ri][head]) ++head;
+      if (w < want[ri]) chosen[w] = index;
+    }
+    const std::int64_t r = warp * 16 + lane / 4 + 8 * ri;
+    if (t == ri && r < rows) {
+      chosen[want[ri]] = c[ri];  // SPEC §Blocks 5: the current block is always one of the K
+      core::sort_ascending(chosen, want[ri] + 1);
+      store_selection(p, e, i0 + r, h, chosen, want[ri] + 1, sel, p.top_k);
+    }
   }
+  cp_async_wait<0>();
 }
 
 /// Full mode (every past block, SPEC §Attention): the selection output is 0..c(i), then -1.

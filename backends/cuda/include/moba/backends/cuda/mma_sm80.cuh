@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: MIT
-/// @file The one tensor-core instruction the sm_80+ path uses: mma.sync m16n8k16, 16-bit inputs, fp32 accumulate.
+/// @file The sm_80+ tensor-core building blocks: mma.sync m16n8k16 (16-bit inputs, fp32 accumulate),
+/// ldmatrix, cp.async, and the 128B-swizzled tile layout they share with the wgmma path.
 #pragma once
 
 #include <cstdint>
 
+#include <moba/backends/cuda/tile_size.hpp>
 #include <moba/dtype.hpp>
 
 namespace moba::backends::cuda {
@@ -74,6 +76,43 @@ __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 #endif
+}
+
+/// Byte offset of element (row, col) in a tile of `Rows` rows whose 16-bit rows are stored as column
+/// chunks of 64 elements ([chunk][row][64]), each 128-byte row XOR-swizzled in 16-byte units by
+/// row % 8: the "128B" swizzle wgmma descriptors describe; ldmatrix rows of 8 × 16 bytes then hit
+/// distinct banks too. Tiles start 1024-byte aligned.
+template <int Rows>
+__device__ __forceinline__ std::uint32_t swizzled_offset(int row, int col) {
+  return (col / 64) * (Rows * 128) + row * 128 + ((((col % 64) / 8) ^ (row % 8)) << 4) + (col % 8) * 2;
+}
+
+/// Copies 16-byte chunks of `rows` rows of D elements into a swizzled tile; `src(r)` is row r's
+/// address or null (zeros).
+template <class T, int D, int Rows, class Src>
+__device__ __forceinline__ void load_rows_async(T* tile, Src src) {
+  constexpr int chunks = D / 8;
+  for (int x = threadIdx.x; x < Rows * chunks; x += attention_threads) {
+    const int r = x / chunks, c = x % chunks;
+    const T* row = src(r);
+    cp_async_16(reinterpret_cast<unsigned char*>(tile) + swizzled_offset<Rows>(r, c * 8), row ? row + c * 8 : nullptr,
+                row != nullptr);
+  }
+}
+
+/// Copies rows first, first + stride, … of D elements into a swizzled tile of Rows rows; rows at or
+/// past `valid` read as zeros. Each thread keeps one 16-byte column and a fixed row residue mod 8, so
+/// its shared offsets are one base plus a constant step (no per-chunk index arithmetic).
+template <class T, int D, int Rows>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* first, std::int64_t stride, int valid) {
+  constexpr int chunks = D / 8, row_step = attention_threads / chunks;
+  static_assert(attention_threads % chunks == 0 && row_step % 8 == 0 && Rows % row_step == 0);
+  const int r0 = threadIdx.x / chunks, c = threadIdx.x % chunks;
+  auto* dst = reinterpret_cast<unsigned char*>(tile) + swizzled_offset<Rows>(r0, c * 8);
+  const T* src = first + r0 * stride + c * 8;
+#pragma unroll
+  for (int r = r0; r < Rows; r += row_step, dst += row_step * 128, src += row_step * stride)
+    cp_async_16(dst, r < valid ? src : first, r < valid);
 }
 
 }  // namespace moba::backends::cuda

@@ -11,13 +11,12 @@
 
 namespace moba::backends::cuda {
 
-/// One sequence plus the prefix offsets that map a flat kernel index (block, tile, gate tile, row) to it.
+/// One sequence plus the prefix offsets that map a flat kernel index (block, tile, row) to it.
 /// Entry `count` of a table holds only the totals in its offsets.
 struct sequence_desc {
   sequence_info seq;
   std::int64_t block_offset = 0;  // key blocks of earlier sequences
   std::int64_t tile_offset = 0;   // tile_rows query tiles of earlier sequences
-  std::int64_t gate_offset = 0;   // gate_rows query tiles of earlier sequences
   std::int64_t row_offset = 0;    // queries of earlier sequences
 };
 

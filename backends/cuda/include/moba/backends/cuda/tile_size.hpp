@@ -13,12 +13,8 @@ inline constexpr int tile_keys = 128;
 inline constexpr int kv_stages = 2;
 inline constexpr int attention_threads = 256;
 
-/// Gate: queries per CTA, threads per query and block means per shared-memory tile (one thread per
-/// query, two queries per thread and 32-block tiles all measured slower, docs/perf.md).
-inline constexpr int gate_rows = 64;
-inline constexpr int gate_split = 4;
-inline constexpr int gate_tile_blocks = 16;
-inline constexpr int gate_threads = gate_rows * gate_split;
+/// Gate: query tiles of tile_rows rows (a warp per 16) against tiles of 32 block means, double-buffered.
+inline constexpr int gate_tile_blocks = 32;
 /// The gate keeps each thread's best history blocks in a fixed array: sparse top_k <= max_top_k.
 inline constexpr int max_top_k = 64;
 

@@ -15,15 +15,6 @@
 
 namespace moba::backends::cuda {
 
-/// Byte offset of element (row, col) in a tile of `Rows` rows whose 16-bit rows are stored as column
-/// chunks of 64 elements ([chunk][row][64]), each 128-byte row XOR-swizzled in 16-byte units by
-/// row % 8: the "128B" swizzle wgmma descriptors describe; ldmatrix rows of 8 × 16 bytes then hit
-/// distinct banks too. Tiles start 1024-byte aligned.
-template <int Rows>
-__device__ __forceinline__ std::uint32_t swizzled_offset(int row, int col) {
-  return (col / 64) * (Rows * 128) + row * 128 + ((((col % 64) / 8) ^ (row % 8)) << 4) + (col % 8) * 2;
-}
-
 /// Makes this thread's ordinary shared-memory writes (cp.async included) visible to the async proxy
 /// (wgmma's operand reads); sm_90+.
 __device__ __forceinline__ void fence_async_shared() {
