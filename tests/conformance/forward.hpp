@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "support/support.hpp"
@@ -201,6 +202,35 @@ void suite_chunked_prefill_is_bottom_right() {
 }
 
 template <class Backend, class T>
+void suite_ties_go_to_the_lower_block() {
+  // Every key block a copy of the first, and q and k on a coarse dyadic grid so that every sum is
+  // exact in any order: all gate scores tie exactly, and each query selects its lowest history
+  // blocks besides its current one (SPEC §Blocks 5).
+  const std::int64_t d = supported_dims<Backend, T>().front(), block = 16, n = 160, hq = 2;
+  tensors<T> t = random_tensors<T>({{n}, {n}, hq, 1, d}, fresh_seed());
+  auto coarse = [](T x, double grid) { return from_double<T>(std::clamp(std::round(to_double(x) * grid), -grid, grid) / grid); };
+  for (T& x : t.q) x = coarse(x, 4);
+  for (std::int64_t x = 0; x < n * d; ++x) t.k[x] = x < block * d ? coarse(t.k[x], 8) : t.k[x % (block * d)];
+  config cfg;
+  cfg.block_size = block;
+  cfg.top_k = 4;
+  const outputs<T> got = run<Backend, T>(t, cfg);
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t h = 0; h < hq; ++h) {
+      const std::int64_t c = i / block;
+      std::vector<std::int32_t> want;
+      for (std::int64_t j = 0; j < std::min<std::int64_t>(c, cfg.top_k - 1); ++j) want.push_back(static_cast<std::int32_t>(j));
+      want.push_back(static_cast<std::int32_t>(c));
+      want.resize(cfg.top_k, -1);
+      const auto at = got.selected.begin() + (i * hq + h) * got.width;
+      CHECK_MESSAGE(std::equal(want.begin(), want.end(), at), "query ", i, " head ", h);
+    }
+  const outputs<double> ref = run<reference, double>(widen(t), cfg);
+  CHECK(got.selected == ref.selected);
+  CHECK(rel_error(got.out, ref.out) <= output_bound<T>());
+}
+
+template <class Backend, class T>
 void suite_errors_leave_outputs_untouched() {
   const std::int64_t d = supported_dims<Backend, T>().front();
   const tensors<T> t = random_tensors<T>({{20}, {20}, 2, 1, d}, fresh_seed());
@@ -243,6 +273,9 @@ void suite_errors_leave_outputs_untouched() {
   }                                                                                                              \
   TEST_CASE_TEMPLATE(#Backend ": q_len < k_len equals the last rows of the full-length call", T, __VA_ARGS__) {  \
     moba::test::suite_chunked_prefill_is_bottom_right<Backend, T>();                                            \
+  }                                                                                                              \
+  TEST_CASE_TEMPLATE(#Backend ": equal gate scores select the lower block", T, __VA_ARGS__) {                    \
+    moba::test::suite_ties_go_to_the_lower_block<Backend, T>();                                                 \
   }                                                                                                              \
   TEST_CASE_TEMPLATE(#Backend ": a bad argument throws and leaves the output untouched", T, __VA_ARGS__) {       \
     moba::test::suite_errors_leave_outputs_untouched<Backend, T>();                                             \

@@ -191,7 +191,8 @@ struct backend_impl<cuda, Dtype> {
       core::with_head_dim(
           head_dim_list{}, p.head_dim,
           [&](auto dim) {
-            constexpr int D = decltype(dim)::value, smem = c::gate_smem<Dtype, D>::launch_bytes;
+            constexpr int D = decltype(dim)::value;
+            const auto smem = static_cast<int>(c::gate_smem<Dtype, D>::launch_bytes(p.top_k));
             MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
             c::gate_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(p, table, kbar, sel);
             c::check_launch("gate_kernel");

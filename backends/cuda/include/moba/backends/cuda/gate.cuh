@@ -76,21 +76,37 @@ __device__ void store_selection(const core::fwd_params<T>& p, const sequence_des
       p.selected(e.seq.batch, e.seq.q_start + i, h, w) = w < n ? static_cast<std::int32_t>(blocks[w]) : -1;
 }
 
-/// Shared memory of the gate: the query tile's pieces, and two stages of kbar pieces for
-/// gate_tile_blocks blocks, each stored like the attention tiles (swizzled_offset).
+/// A (score, block) pair as one integer that orders like SPEC §Blocks 5: higher score first, a NaN
+/// below every number, equal scores (±0 included) to the lower block.
+__device__ __forceinline__ std::uint64_t rank_key(float score, std::int64_t j) {
+  const std::uint32_t u = __float_as_uint(score + 0.f);  // -0 becomes +0
+  const std::uint32_t ordered = score != score ? 0u : (u & 0x80000000u) ? ~u : u | 0x80000000u;
+  return (std::uint64_t{ordered} << 32) | (0xffffffffu - static_cast<std::uint32_t>(j));
+}
+
+/// Shared memory of the gate: the query tile's pieces (until they are in registers, then one tile
+/// of scores, a padded row per thread), two stages of kbar pieces for gate_tile_blocks blocks (stored
+/// like the attention tiles, swizzled_offset), and, past the struct, each row's best (K−1) keys.
 template <class T, int D>
 struct gate_smem {
-  alignas(1024) bfloat16 q[q_pieces<T>][tile_rows * D];
+  static constexpr int score_pitch = gate_tile_blocks + 1;
+  static constexpr int q_bytes = q_pieces<T> * tile_rows * D * 2, score_bytes = tile_rows * score_pitch * 4;
+  alignas(1024) unsigned char q_or_score[q_bytes > score_bytes ? q_bytes : score_bytes];
   alignas(1024) bfloat16 kbar[2][kbar_pieces][gate_tile_blocks * D];
-  static constexpr int launch_bytes = sizeof(gate_smem) + 1024;
+
+  __device__ bfloat16* q(int n) { return reinterpret_cast<bfloat16*>(q_or_score) + n * tile_rows * D; }
+  __device__ float* score_row(int r) { return reinterpret_cast<float*>(q_or_score) + r * score_pitch; }
+  __device__ std::uint64_t* best() { return reinterpret_cast<std::uint64_t*>(this + 1); }  // [K − 1][tile_rows]
+  static std::size_t launch_bytes(std::int64_t top_k) {
+    return sizeof(gate_smem) + 1024 + static_cast<std::size_t>(top_k - 1) * tile_rows * sizeof(std::uint64_t);
+  }
 };
 
 /// Fused gate: grid (query tiles of tile_rows, Hq), attention_threads threads, gate_smem. Scores
 /// q · kbar come from bf16 tensor-core products of the pieces (split_bf16) with fp32 accumulation:
-/// fp32 scores, never stored. A warp scores 16 rows; each thread holds 2 rows × 2 of every 8 blocks
-/// (the mma layout) and keeps its own top (K−1) (core::top_n, the SPEC tie/NaN rule). A threshold
-/// shared by the 4 threads of a row (the best of their full lists' worst scores) rejects most
-/// candidates without an insertion; the 4 lists are merged by shuffles at the end.
+/// fp32 scores, never written to global memory. Per tile of blocks, the warps (16 rows each) write
+/// the scores to shared memory; then one thread per row keeps the row's best K−1 as rank_key values,
+/// sorted in shared memory, against a register bar that rejects most blocks without a look.
 template <class T, int D>
 __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
                                                                   const bfloat16* kbar, std::int32_t* sel) {
@@ -119,7 +135,7 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
     bfloat16 piece[qp];
     split_bf16(r < rows ? to_float(row_ptr(p.q, e.seq.batch, e.seq.q_start + i0 + r, h)[d]) : 0.f, piece);
     for (int n = 0; n < qp; ++n)
-      *reinterpret_cast<bfloat16*>(reinterpret_cast<unsigned char*>(sm.q[n]) + swizzled_offset<tile_rows>(r, d)) = piece[n];
+      *reinterpret_cast<bfloat16*>(reinterpret_cast<unsigned char*>(sm.q(n)) + swizzled_offset<tile_rows>(r, d)) = piece[n];
   }
   __syncthreads();
   std::uint32_t a[qp][D / 16][4];  // this warp's query rows as mma A fragments
@@ -127,27 +143,23 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
   for (int n = 0; n < qp; ++n)
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
-      ldmatrix_x4<false>(a[n][ks], reinterpret_cast<const unsigned char*>(sm.q[n]) +
+      ldmatrix_x4<false>(a[n][ks], reinterpret_cast<const unsigned char*>(sm.q(n)) +
                                        swizzled_offset<tile_rows>(warp * 16 + (mi % 2) * 8 + mr, ks * 16 + (mi / 2) * 8));
 
-  std::int64_t c[2], want[2];
-  std::int64_t best_index[2][max_top_k];
-  float best_score[2][max_top_k];
-  core::top_n<float> top[2] = {{best_index[0], best_score[0], 0}, {best_index[1], best_score[1], 0}};
-  float bar[2] = {NAN, NAN};  // a score that K−1 offered blocks of the row beat or tie (NaN: none yet)
-  for (int ri = 0; ri < 2; ++ri) {
-    const std::int64_t r = warp * 16 + lane / 4 + 8 * ri;
-    c[ri] = r < rows ? core::current_block(e.seq.pos(i0 + r), p.block_size) : 0;
-    want[ri] = core::history_count(c[ri], p.top_k, false);
-    top[ri].n = want[ri];
-  }
+  // The row this thread ranks (threads past tile_rows only help score).
+  const int row = threadIdx.x;
+  const std::int64_t c = row < rows ? core::current_block(e.seq.pos(i0 + row), p.block_size) : 0;
+  const std::int64_t want = core::history_count(c, p.top_k, false);
+  std::uint64_t* best = sm.best() + row;  // entry n at best[n * tile_rows]
+  std::int64_t size = 0;
+  std::uint64_t bar = want > 0 ? 0 : ~std::uint64_t{0};  // keys must exceed it (every key is > 0)
 
   int buf = 0;
   for (std::int64_t j0 = 0; j0 < c_last; j0 += gate_tile_blocks, buf ^= 1) {
     if (j0 + gate_tile_blocks < c_last) load_kbar(buf ^ 1, j0 + gate_tile_blocks);
     else cp_async_commit();
     cp_async_wait<1>();
-    __syncthreads();
+    __syncthreads();  // kbar stage `buf` landed; the previous tile's scores were ranked (q: in registers)
     float score[gate_tile_blocks / 2] = {};
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
@@ -164,55 +176,34 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
             mma_16816<bfloat16>(reinterpret_cast<float(&)[4]>(score[4 * nt + 4]), a[qn][ks], b[2], b[3]);
           }
         }
-    __syncthreads();  // stage `buf` is refilled by the next iteration's copy
 #pragma unroll
     for (int nt = 0; nt < gate_tile_blocks / 8; ++nt)
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const int ri = x / 2;
-        const std::int64_t j = j0 + nt * 8 + 2 * t + (x & 1);
-        const float v = score[4 * nt + x];
-        // SPEC §Blocks 4: only blocks wholly in the past are eligible. Blocks come in increasing
-        // index, so a score that does not beat the bar cannot enter (ties go to the lower index).
-        if (j < c[ri] && !(bar[ri] == bar[ri] && !(v > bar[ri]))) {
-          top[ri].offer(v, j);
-          if (top[ri].size == want[ri] && want[ri] > 0) bar[ri] = fmaxf(bar[ri], best_score[ri][want[ri] - 1]);
-        }
+      for (int x = 0; x < 4; ++x) sm.score_row(warp * 16 + lane / 4 + 8 * (x / 2))[nt * 8 + 2 * t + (x & 1)] = score[4 * nt + x];
+    __syncthreads();  // scores visible; stage `buf` is refilled by the next iteration's copy
+    if (row < tile_rows) {
+      const float* mine = sm.score_row(row);
+      // SPEC §Blocks 4: only blocks wholly in the past are eligible.
+      const int eligible = static_cast<int>(c - j0 < gate_tile_blocks ? c - j0 : gate_tile_blocks);
+      for (int col = 0; col < eligible; ++col) {
+        const std::uint64_t key = rank_key(mine[col], j0 + col);
+        if (key <= bar) continue;
+        std::int64_t at = size < want ? size++ : want - 1;
+        for (; at > 0 && best[(at - 1) * tile_rows] < key; --at) best[at * tile_rows] = best[(at - 1) * tile_rows];
+        best[at * tile_rows] = key;
+        if (size == want) bar = best[(want - 1) * tile_rows];
       }
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {  // fmaxf skips the NaN of a thread whose list is not full
-      bar[ri] = fmaxf(bar[ri], __shfl_xor_sync(0xffffffffu, bar[ri], 1));
-      bar[ri] = fmaxf(bar[ri], __shfl_xor_sync(0xffffffffu, bar[ri], 2));
-    }
-  }
-
-  // Merge the row's 4 sorted lists: top_k − 1 rounds of a shuffle argmax (uniform over the warp).
-  for (int ri = 0; ri < 2; ++ri) {
-    std::int64_t chosen[max_top_k];
-    std::int64_t head = 0;
-    for (std::int64_t w = 0; w < p.top_k - 1; ++w) {
-      const bool have = head < top[ri].size;
-      float v = have ? best_score[ri][head] : 0.f;
-      int index = have ? static_cast<int>(best_index[ri][head]) : -1;
-      for (int off = 1; off < 4; off *= 2) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-        const int oi = __shfl_xor_sync(0xffffffffu, index, off);
-        if (oi >= 0 && (index < 0 || core::ranks_before(ov, oi, v, index))) {
-          v = ov;
-          index = oi;
-        }
-      }
-      if (have && index == best_index[ri][head]) ++head;
-      if (w < want[ri]) chosen[w] = index;
-    }
-    const std::int64_t r = warp * 16 + lane / 4 + 8 * ri;
-    if (t == ri && r < rows) {
-      chosen[want[ri]] = c[ri];  // SPEC §Blocks 5: the current block is always one of the K
-      core::sort_ascending(chosen, want[ri] + 1);
-      store_selection(p, e, i0 + r, h, chosen, want[ri] + 1, sel, p.top_k);
     }
   }
   cp_async_wait<0>();
+
+  if (row < rows) {
+    std::int64_t chosen[max_top_k];
+    for (std::int64_t n = 0; n < want; ++n) chosen[n] = 0xffffffffu - static_cast<std::uint32_t>(best[n * tile_rows]);
+    chosen[want] = c;  // SPEC §Blocks 5: the current block is always one of the K
+    core::sort_ascending(chosen, want + 1);
+    store_selection(p, e, i0 + row, h, chosen, want + 1, sel, p.top_k);
+  }
 }
 
 /// Full mode (every past block, SPEC §Attention): the selection output is 0..c(i), then -1.
