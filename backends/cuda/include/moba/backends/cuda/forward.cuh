@@ -186,12 +186,13 @@ struct backend_impl<cuda, Dtype> {
       auto* kbar = reinterpret_cast<bfloat16*>(ws + w.kbar);
       sel = reinterpret_cast<std::int32_t*>(ws + w.sel);
       if (gate_before_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_before_, stream_));
-      c::block_means_kernel<Dtype><<<dim3(grid(totals.block_offset), static_cast<unsigned>(p.kv_heads)), 256, 0, stream_>>>(p, table, kbar);
-      c::check_launch("block_means_kernel");
       core::with_head_dim(
           head_dim_list{}, p.head_dim,
           [&](auto dim) {
             constexpr int D = decltype(dim)::value;
+            c::block_means_kernel<Dtype, D><<<dim3(grid(totals.block_offset), static_cast<unsigned>(p.kv_heads)), 256, 0, stream_>>>(
+                p, table, kbar);
+            c::check_launch("block_means_kernel");
             const auto smem = static_cast<int>(c::gate_smem<Dtype, D>::launch_bytes(p.top_k));
             MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
             c::gate_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(p, table, kbar, sel);

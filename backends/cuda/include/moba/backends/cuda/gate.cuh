@@ -35,30 +35,56 @@ template <class T>
 inline constexpr int q_pieces = std::is_same_v<T, bfloat16> ? 1 : std::is_same_v<T, float16> ? 2 : 3;
 inline constexpr int kbar_pieces = 3;
 
-/// kbar `[total_blocks, Hkv, kbar_pieces, D]` bf16 pieces of the fp32 block means: grid (total blocks,
-/// Hkv), 256 threads striding (dim, key).
+/// Elements of T one load reads: 16 bytes for the 16-bit types (check() guarantees 16-byte rows), one float.
 template <class T>
+inline constexpr int load_width = sizeof(T) == 2 ? 8 : 1;
+
+/// Loads load_width<T> elements at `x` as floats.
+template <class T>
+__device__ __forceinline__ void load_floats(const T* x, float (&f)[load_width<T>]) {
+  if constexpr (load_width<T> == 8) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(x);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) f[u] = to_float(e[u]);
+  } else {
+    f[0] = to_float(*x);
+  }
+}
+
+/// kbar `[total_blocks, Hkv, kbar_pieces, D]` bf16 pieces of the fp32 block means: grid (total blocks,
+/// Hkv), 256 threads; each sums one column chunk over every (256 / chunks)-th key of the block,
+/// with several loads in flight, then the chunk's partial sums are added in shared memory.
+template <class T, int D>
 __global__ void __launch_bounds__(256) block_means_kernel(core::fwd_params<T> p, const sequence_desc* table,
                                                            bfloat16* kbar) {
-  __shared__ float partial[256];
-  const std::int64_t gblock = blockIdx.x, kvh = blockIdx.y, d_len = p.head_dim;
+  constexpr int w = load_width<T>, chunks = D / w, groups = 256 / chunks;
+  __shared__ float partial[256 * w];
+  const std::int64_t gblock = blockIdx.x, kvh = blockIdx.y;
   const std::int64_t s = find_sequence(table, p.seqs.count, gblock, [](const sequence_desc& e) { return e.block_offset; });
   const sequence_desc& e = table[s];
   const std::int64_t j = gblock - e.block_offset;
-  const std::int64_t begin = core::block_begin(j, p.block_size), end = core::block_end(j, p.block_size, e.seq.k_len);
-  const int stripes = 256 / static_cast<int>(d_len);
-  const int d = threadIdx.x % d_len, stripe = threadIdx.x / d_len;
-  float sum = 0;  // SPEC §Blocks 2: accumulate in fp32
-  if (stripe < stripes)
-    for (std::int64_t t = begin + stripe; t < end; t += stripes)
-      sum += to_float(row_ptr(p.k, e.seq.batch, e.seq.k_start + t, kvh)[d]);
-  partial[threadIdx.x] = sum;
+  const std::int64_t begin = core::block_begin(j, p.block_size), count = core::block_end(j, p.block_size, e.seq.k_len) - begin;
+  const int chunk = threadIdx.x % chunks, group = threadIdx.x / chunks;
+  const T* first = row_ptr(p.k, e.seq.batch, e.seq.k_start + begin, kvh) + chunk * w;
+  float sum[w] = {};  // SPEC §Blocks 2: accumulate in fp32
+#pragma unroll 4
+  for (std::int64_t t = group; t < count; t += groups) {
+    float f[w];
+    load_floats(first + t * p.k.stride[1], f);
+#pragma unroll
+    for (int u = 0; u < w; ++u) sum[u] += f[u];
+  }
+#pragma unroll
+  for (int u = 0; u < w; ++u) partial[threadIdx.x * w + u] = sum[u];
   __syncthreads();
-  if (threadIdx.x < d_len) {
-    for (int x = 1; x < stripes; ++x) sum += partial[x * d_len + threadIdx.x];
+  if (threadIdx.x < D) {
+    const int d = threadIdx.x;
+    float total = 0;
+    for (int x = 0; x < groups; ++x) total += partial[(x * chunks + d / w) * w + d % w];
     bfloat16 piece[kbar_pieces];
-    split_bf16(sum / static_cast<float>(end - begin), piece);
-    for (int n = 0; n < kbar_pieces; ++n) kbar[((gblock * p.kv_heads + kvh) * kbar_pieces + n) * d_len + d] = piece[n];
+    split_bf16(total / static_cast<float>(count), piece);
+    for (int n = 0; n < kbar_pieces; ++n) kbar[((gblock * p.kv_heads + kvh) * kbar_pieces + n) * D + d] = piece[n];
   }
 }
 
@@ -105,8 +131,8 @@ struct gate_smem {
 /// Fused gate: grid (query tiles of tile_rows, Hq), attention_threads threads, gate_smem. Scores
 /// q · kbar come from bf16 tensor-core products of the pieces (split_bf16) with fp32 accumulation:
 /// fp32 scores, never written to global memory. Per tile of blocks, the warps (16 rows each) write
-/// the scores to shared memory; then one thread per row keeps the row's best K−1 as rank_key values,
-/// sorted in shared memory, against a register bar that rejects most blocks without a look.
+/// the scores to shared memory; then one thread per row keeps the row's best K−1 as rank_key values
+/// in shared memory, unordered, with the lowest of them as a register bar that rejects most blocks.
 template <class T, int D>
 __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
                                                                   const bfloat16* kbar, std::int32_t* sel) {
@@ -130,12 +156,26 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
   };
   if (c_last > 0) load_kbar(0, 0);
 
-  for (int x = threadIdx.x; x < tile_rows * D; x += attention_threads) {
-    const int r = x / D, d = x % D;
-    bfloat16 piece[qp];
-    split_bf16(r < rows ? to_float(row_ptr(p.q, e.seq.batch, e.seq.q_start + i0 + r, h)[d]) : 0.f, piece);
-    for (int n = 0; n < qp; ++n)
-      *reinterpret_cast<bfloat16*>(reinterpret_cast<unsigned char*>(sm.q(n)) + swizzled_offset<tile_rows>(r, d)) = piece[n];
+  constexpr int w = load_width<T>;
+#pragma unroll
+  for (int it = 0; it < tile_rows * D / w / attention_threads; ++it) {
+    const int x = threadIdx.x + it * attention_threads, r = x / (D / w), d = x % (D / w) * w;
+    float f[w] = {};
+    if (r < rows) load_floats(row_ptr(p.q, e.seq.batch, e.seq.q_start + i0 + r, h) + d, f);
+    alignas(16) bfloat16 piece[qp][w];
+#pragma unroll
+    for (int u = 0; u < w; ++u) {
+      bfloat16 one[qp];
+      split_bf16(f[u], one);
+#pragma unroll
+      for (int n = 0; n < qp; ++n) piece[n][u] = one[n];
+    }
+#pragma unroll
+    for (int n = 0; n < qp; ++n) {  // w consecutive elements lie in one 16-byte chunk of the swizzled row
+      auto* at = reinterpret_cast<unsigned char*>(sm.q(n)) + swizzled_offset<tile_rows>(r, d);
+      if constexpr (w == 8) *reinterpret_cast<uint4*>(at) = *reinterpret_cast<const uint4*>(piece[n]);
+      else *reinterpret_cast<bfloat16*>(at) = piece[n][0];
+    }
   }
   __syncthreads();
   std::uint32_t a[qp][D / 16][4];  // this warp's query rows as mma A fragments
@@ -150,8 +190,8 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
   const int row = threadIdx.x;
   const std::int64_t c = row < rows ? core::current_block(e.seq.pos(i0 + row), p.block_size) : 0;
   const std::int64_t want = core::history_count(c, p.top_k, false);
-  std::uint64_t* best = sm.best() + row;  // entry n at best[n * tile_rows]
-  std::int64_t size = 0;
+  std::uint64_t* best = sm.best() + row;  // entry n at best[n * tile_rows], in no order
+  std::int64_t size = 0, lowest = 0;     // entries, and where the lowest one is once they are `want`
   std::uint64_t bar = want > 0 ? 0 : ~std::uint64_t{0};  // keys must exceed it (every key is > 0)
 
   int buf = 0;
@@ -188,10 +228,18 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
       for (int col = 0; col < eligible; ++col) {
         const std::uint64_t key = rank_key(mine[col], j0 + col);
         if (key <= bar) continue;
-        std::int64_t at = size < want ? size++ : want - 1;
-        for (; at > 0 && best[(at - 1) * tile_rows] < key; --at) best[at * tile_rows] = best[(at - 1) * tile_rows];
-        best[at * tile_rows] = key;
-        if (size == want) bar = best[(want - 1) * tile_rows];
+        if (size < want) {
+          best[size++ * tile_rows] = key;
+          if (size < want) continue;
+        } else {
+          best[lowest * tile_rows] = key;
+        }
+        bar = ~std::uint64_t{0};  // the list is full: its lowest key is the new bar
+        for (std::int64_t n = 0; n < want; ++n)
+          if (best[n * tile_rows] < bar) {
+            bar = best[n * tile_rows];
+            lowest = n;
+          }
       }
     }
   }
