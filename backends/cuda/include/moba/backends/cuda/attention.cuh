@@ -165,14 +165,23 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
   if (k_begin < k_end) load_kv(0, k_begin);
   int buf = 0;
   for (std::int64_t k0 = k_begin; k0 < k_end; k0 += tile_keys, buf ^= 1) {
-    if (k0 + tile_keys < k_end) load_kv(buf ^ 1, k0 + tile_keys);
-    else cp_async_commit();  // an empty group keeps the wait count uniform
-    cp_async_wait<1>();
+    cp_async_wait<0>();
     fence_async_shared();
-    __syncthreads();
-    if (k0 < span_hi && k0 + tile_keys > span_lo) {  // uniform over the group
+    __syncthreads();  // tile k0 is visible, and every warp is done with the previous tile's stage ...
+    if (k0 + tile_keys < k_end) load_kv(buf ^ 1, k0 + tile_keys);  // ... which the next tile refills now
+    const bool active = k0 < span_hi && k0 + tile_keys > span_lo;  // uniform over the group
+#if defined(MOBA_CUDA_WGMMA)
+    // Stagger the two warpgroups by one product: the second computes its scores while the first
+    // runs its softmax, so tensor cores and the exp unit work at the same time.
+    if (warp >= 4) named_barrier_sync(1, attention_threads);
+    else if (!active) named_barrier_arrive(1, attention_threads);
+#endif
+    if (active) {
       float s[tile_keys / 2];
       tile_scores(sm, buf, s);
+#if defined(MOBA_CUDA_WGMMA)
+      if (warp < 4) named_barrier_arrive(1, attention_threads);
+#endif
 #pragma unroll
       for (int e = 0; e < tile_keys / 2; ++e) s[e] *= scale_log2;
       if (!(k0 >= lo_max && k0 + tile_keys <= hi_min)) {  // some row of the warp misses some key of the tile
@@ -221,9 +230,7 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
       for (int e = 0; e < D / 2; ++e) st.o[e] *= alpha[(e / 2) % 2];
       tile_values(sm, buf, pa, st.o);
     }
-    __syncthreads();  // stage `buf` is refilled by the next iteration's copy
   }
-  cp_async_wait<0>();
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {  // the row's sum over the 4 threads that share it
     st.l[ri] += __shfl_xor_sync(0xffffffffu, st.l[ri], 1);
