@@ -102,12 +102,16 @@ __device__ void store_selection(const core::fwd_params<T>& p, const sequence_des
       p.selected(e.seq.batch, e.seq.q_start + i, h, w) = w < n ? static_cast<std::int32_t>(blocks[w]) : -1;
 }
 
-/// A (score, block) pair as one integer that orders like SPEC §Blocks 5: higher score first, a NaN
-/// below every number, equal scores (±0 included) to the lower block.
-__device__ __forceinline__ std::uint64_t rank_key(float score, std::int64_t j) {
+/// A score's bits as an unsigned integer that orders like SPEC §Blocks 5 ranks scores: higher
+/// first, a NaN below every number, -0 equal to +0.
+__device__ __forceinline__ std::uint32_t ordered_score(float score) {
   const std::uint32_t u = __float_as_uint(score + 0.f);  // -0 becomes +0
-  const std::uint32_t ordered = score != score ? 0u : (u & 0x80000000u) ? ~u : u | 0x80000000u;
-  return (std::uint64_t{ordered} << 32) | (0xffffffffu - static_cast<std::uint32_t>(j));
+  return score != score ? 0u : (u & 0x80000000u) ? ~u : u | 0x80000000u;
+}
+
+/// A (score, block) pair as one integer that orders like SPEC §Blocks 5: by score, then the lower block.
+__device__ __forceinline__ std::uint64_t rank_key(float score, std::int64_t j) {
+  return (std::uint64_t{ordered_score(score)} << 32) | (0xffffffffu - static_cast<std::uint32_t>(j));
 }
 
 /// Shared memory of the gate: the query tile's pieces (until they are in registers, then one tile
@@ -225,7 +229,14 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
       const float* mine = sm.score_row(row);
       // SPEC §Blocks 4: only blocks wholly in the past are eligible.
       const int eligible = static_cast<int>(c - j0 < gate_tile_blocks ? c - j0 : gate_tile_blocks);
-      for (int col = 0; col < eligible; ++col) {
+      // First mark the blocks that may beat the bar (by score alone: all lanes in step), then
+      // insert those, so a warp's 32 rows diverge over a few candidates, not over every block.
+      std::uint32_t maybe = 0;
+#pragma unroll
+      for (int col = 0; col < gate_tile_blocks; ++col)
+        if (col < eligible && ordered_score(mine[col]) >= static_cast<std::uint32_t>(bar >> 32)) maybe |= 1u << col;
+      for (; maybe != 0; maybe &= maybe - 1) {
+        const int col = __ffs(maybe) - 1;
         const std::uint64_t key = rank_key(mine[col], j0 + col);
         if (key <= bar) continue;
         if (size < want) {
