@@ -88,18 +88,13 @@ __global__ void __launch_bounds__(256) block_means_kernel(core::fwd_params<T> p,
   }
 }
 
-/// Writes one query's selection (ascending, -1 padded) to the workspace `[rows, Hq, K]` and, when
-/// given, to the caller's `selected` view.
+/// Writes entry w of one query's selection to the workspace `[rows, Hq, K]` (w < K) and, when given,
+/// to the caller's `selected` view (any width).
 template <class T>
-__device__ void store_selection(const core::fwd_params<T>& p, const sequence_desc& e, std::int64_t i, std::int64_t h,
-                                const std::int64_t* blocks, std::int64_t n, std::int32_t* sel, std::int64_t sel_width) {
-  if (sel != nullptr) {
-    std::int32_t* out = sel + ((e.row_offset + i) * p.q_heads + h) * sel_width;
-    for (std::int64_t w = 0; w < sel_width; ++w) out[w] = w < n ? static_cast<std::int32_t>(blocks[w]) : -1;
-  }
-  if (p.selected.given())
-    for (std::int64_t w = 0; w < p.selected.extent[3]; ++w)
-      p.selected(e.seq.batch, e.seq.q_start + i, h, w) = w < n ? static_cast<std::int32_t>(blocks[w]) : -1;
+__device__ __forceinline__ void store_selection(const core::fwd_params<T>& p, const sequence_desc& e, std::int64_t i,
+                                                std::int64_t h, std::int64_t w, std::int32_t block, std::int32_t* sel) {
+  if (w < p.top_k) sel[((e.row_offset + i) * p.q_heads + h) * p.top_k + w] = block;
+  if (p.selected.given() && w < p.selected.extent[3]) p.selected(e.seq.batch, e.seq.q_start + i, h, w) = block;
 }
 
 /// A score's bits as an unsigned integer that orders like SPEC §Blocks 5 ranks scores: higher
@@ -114,12 +109,37 @@ __device__ __forceinline__ std::uint64_t rank_key(float score, std::int64_t j) {
   return (std::uint64_t{ordered_score(score)} << 32) | (0xffffffffu - static_cast<std::uint32_t>(j));
 }
 
+/// The score of a rank key, as a float that a block's score must reach to beat the key (a NaN
+/// score, which every number beats, becomes -inf).
+__device__ __forceinline__ float key_score(std::uint64_t key) {
+  const auto u = static_cast<std::uint32_t>(key >> 32);
+  return u == 0 ? -INFINITY : __uint_as_float(u & 0x80000000u ? u & 0x7fffffffu : ~u);
+}
+
+/// Sifts `key` down the min-heap `heap` of `size` keys (entry n at heap[n * tile_rows]) from entry n.
+__device__ __forceinline__ void sift_down(std::uint64_t* heap, int size, int n, std::uint64_t key) {
+  for (int child = 2 * n + 1; child < size; child = 2 * n + 1) {
+    std::uint64_t low = heap[child * tile_rows];
+    if (child + 1 < size) {
+      const std::uint64_t right = heap[(child + 1) * tile_rows];
+      if (right < low) {
+        low = right;
+        ++child;
+      }
+    }
+    if (key < low) break;  // keys are unique (the block is part of the key)
+    heap[n * tile_rows] = low;
+    n = child;
+  }
+  heap[n * tile_rows] = key;
+}
+
 /// Shared memory of the gate: the query tile's pieces (until they are in registers, then one tile
 /// of scores, a padded row per thread), two stages of kbar pieces for gate_tile_blocks blocks (stored
 /// like the attention tiles, swizzled_offset), and, past the struct, each row's best (K−1) keys.
 template <class T, int D>
 struct gate_smem {
-  static constexpr int score_pitch = gate_tile_blocks + 1;
+  static constexpr int score_pitch = gate_tile_blocks + 4;  // 16-byte rows, a warp's 16-byte reads conflict-free
   static constexpr int q_bytes = q_pieces<T> * tile_rows * D * 2, score_bytes = tile_rows * score_pitch * 4;
   alignas(1024) unsigned char q_or_score[q_bytes > score_bytes ? q_bytes : score_bytes];
   alignas(1024) bfloat16 kbar[2][kbar_pieces][gate_tile_blocks * D];
@@ -136,7 +156,7 @@ struct gate_smem {
 /// q · kbar come from bf16 tensor-core products of the pieces (split_bf16) with fp32 accumulation:
 /// fp32 scores, never written to global memory. Per tile of blocks, the warps (16 rows each) write
 /// the scores to shared memory; then one thread per row keeps the row's best K−1 as rank_key values
-/// in shared memory, unordered, with the lowest of them as a register bar that rejects most blocks.
+/// in a shared-memory min-heap whose root, kept as a register bar, rejects most blocks.
 template <class T, int D>
 __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
                                                                   const bfloat16* kbar, std::int32_t* sel) {
@@ -193,9 +213,10 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
   // The row this thread ranks (threads past tile_rows only help score).
   const int row = threadIdx.x;
   const std::int64_t c = row < rows ? core::current_block(e.seq.pos(i0 + row), p.block_size) : 0;
-  const std::int64_t want = core::history_count(c, p.top_k, false);
-  std::uint64_t* best = sm.best() + row;  // entry n at best[n * tile_rows], in no order
-  std::int64_t size = 0, lowest = 0;     // entries, and where the lowest one is once they are `want`
+  // The row's best keys so far: appended until there are `want`, then a min-heap whose root is the bar.
+  std::uint64_t* best = sm.best() + row;  // entry n at best[n * tile_rows]
+  const int want = static_cast<int>(core::history_count(c, p.top_k, false));
+  int size = 0;
   std::uint64_t bar = want > 0 ? 0 : ~std::uint64_t{0};  // keys must exceed it (every key is > 0)
 
   int buf = 0;
@@ -223,18 +244,31 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
 #pragma unroll
     for (int nt = 0; nt < gate_tile_blocks / 8; ++nt)
 #pragma unroll
-      for (int x = 0; x < 4; ++x) sm.score_row(warp * 16 + lane / 4 + 8 * (x / 2))[nt * 8 + 2 * t + (x & 1)] = score[4 * nt + x];
+      for (int x = 0; x < 4; x += 2)
+        *reinterpret_cast<float2*>(sm.score_row(warp * 16 + lane / 4 + 4 * x) + nt * 8 + 2 * t) =
+            make_float2(score[4 * nt + x], score[4 * nt + x + 1]);
     __syncthreads();  // scores visible; stage `buf` is refilled by the next iteration's copy
-    if (row < tile_rows) {
+    if (row < tile_rows && want > 0) {
       const float* mine = sm.score_row(row);
       // SPEC §Blocks 4: only blocks wholly in the past are eligible.
-      const int eligible = static_cast<int>(c - j0 < gate_tile_blocks ? c - j0 : gate_tile_blocks);
-      // First mark the blocks that may beat the bar (by score alone: all lanes in step), then
-      // insert those, so a warp's 32 rows diverge over a few candidates, not over every block.
-      std::uint32_t maybe = 0;
+      const std::int64_t eligible = c - j0;
+      std::uint32_t maybe = eligible >= gate_tile_blocks ? ~0u : eligible > 0 ? (1u << eligible) - 1 : 0u;
+      if (size == want) {
+        // Mark the blocks whose score reaches the bar's (all lanes in step), then rank only those,
+        // so a warp's 32 rows diverge over a few candidates, not over every block. A NaN never
+        // passes: it cannot beat a full list (it ranks last, and later blocks lose ties).
+        const float floor = key_score(bar);
+        std::uint32_t reach = 0;
 #pragma unroll
-      for (int col = 0; col < gate_tile_blocks; ++col)
-        if (col < eligible && ordered_score(mine[col]) >= static_cast<std::uint32_t>(bar >> 32)) maybe |= 1u << col;
+        for (int col = 0; col < gate_tile_blocks; col += 4) {
+          const float4 four = *reinterpret_cast<const float4*>(mine + col);
+          const float f[4] = {four.x, four.y, four.z, four.w};
+#pragma unroll
+          for (int u = 0; u < 4; ++u)
+            if (f[u] >= floor) reach |= 1u << (col + u);
+        }
+        maybe &= reach;
+      }
       for (; maybe != 0; maybe &= maybe - 1) {
         const int col = __ffs(maybe) - 1;
         const std::uint64_t key = rank_key(mine[col], j0 + col);
@@ -242,26 +276,27 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
         if (size < want) {
           best[size++ * tile_rows] = key;
           if (size < want) continue;
+          for (int n = want / 2 - 1; n >= 0; --n) sift_down(best, want, n, best[n * tile_rows]);
         } else {
-          best[lowest * tile_rows] = key;
+          sift_down(best, want, 0, key);  // the new key replaces the lowest
         }
-        bar = ~std::uint64_t{0};  // the list is full: its lowest key is the new bar
-        for (std::int64_t n = 0; n < want; ++n)
-          if (best[n * tile_rows] < bar) {
-            bar = best[n * tile_rows];
-            lowest = n;
-          }
+        bar = best[0];
       }
     }
   }
   cp_async_wait<0>();
 
   if (row < rows) {
-    std::int64_t chosen[max_top_k];
-    for (std::int64_t n = 0; n < want; ++n) chosen[n] = 0xffffffffu - static_cast<std::uint32_t>(best[n * tile_rows]);
-    chosen[want] = c;  // SPEC §Blocks 5: the current block is always one of the K
-    core::sort_ascending(chosen, want + 1);
-    store_selection(p, e, i0 + row, h, chosen, want + 1, sel, p.top_k);
+    // SPEC output order is ascending: a history block's place is the number of smaller ones, and the
+    // current block comes after them all (no local-memory sort).
+    auto block = [&](int n) { return static_cast<std::int32_t>(0xffffffffu - static_cast<std::uint32_t>(best[n * tile_rows])); };
+    for (int n = 0; n < want; ++n) {
+      int place = 0;
+      for (int m = 0; m < want; ++m) place += block(m) < block(n);
+      store_selection(p, e, i0 + row, h, place, block(n), sel);
+    }
+    const std::int64_t width = p.selected.given() && p.selected.extent[3] > p.top_k ? p.selected.extent[3] : p.top_k;
+    for (std::int64_t w = want; w < width; ++w) store_selection(p, e, i0 + row, h, w, w == want ? static_cast<std::int32_t>(c) : -1, sel);
   }
 }
 
