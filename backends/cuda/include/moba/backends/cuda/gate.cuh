@@ -109,6 +109,11 @@ __device__ __forceinline__ std::uint64_t rank_key(float score, std::int64_t j) {
   return (std::uint64_t{ordered_score(score)} << 32) | (0xffffffffu - static_cast<std::uint32_t>(j));
 }
 
+/// The block of a rank key.
+__device__ __forceinline__ std::int32_t key_block(std::uint64_t key) {
+  return static_cast<std::int32_t>(0xffffffffu - static_cast<std::uint32_t>(key));
+}
+
 /// The score of a rank key, as a float that a block's score must reach to beat the key (a NaN
 /// score, which every number beats, becomes -inf).
 __device__ __forceinline__ float key_score(std::uint64_t key) {
@@ -217,7 +222,7 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
   std::uint64_t* best = sm.best() + row;  // entry n at best[n * tile_rows]
   const int want = static_cast<int>(core::history_count(c, p.top_k, false));
   int size = 0;
-  std::uint64_t bar = want > 0 ? 0 : ~std::uint64_t{0};  // keys must exceed it (every key is > 0)
+  std::uint64_t bar = 0;  // keys must exceed it (every key is > 0)
 
   int buf = 0;
   for (std::int64_t j0 = 0; j0 < c_last; j0 += gate_tile_blocks, buf ^= 1) {
@@ -289,7 +294,7 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
   if (row < rows) {
     // SPEC output order is ascending: a history block's place is the number of smaller ones, and the
     // current block comes after them all (no local-memory sort).
-    auto block = [&](int n) { return static_cast<std::int32_t>(0xffffffffu - static_cast<std::uint32_t>(best[n * tile_rows])); };
+    auto block = [&](int n) { return key_block(best[n * tile_rows]); };
     for (int n = 0; n < want; ++n) {
       int place = 0;
       for (int m = 0; m < want; ++m) place += block(m) < block(n);
