@@ -231,6 +231,30 @@ void suite_ties_go_to_the_lower_block() {
 }
 
 template <class Backend, class T>
+void suite_wide_selection_is_ascending_and_padded() {
+  // A selection view wider than K: each row holds its blocks ascending, then -1 to the end, exactly
+  // as the reference writes it wherever the two choose the same blocks.
+  const std::int64_t d = supported_dims<Backend, T>().front(), extra = 3;
+  const tensors<T> t = random_tensors<T>({{300, 70}, {300, 200}, 4, 2, d}, fresh_seed());
+  config cfg;
+  cfg.block_size = 16;
+  cfg.top_k = 5;
+  const outputs<T> got = run<Backend, T>(t, cfg, extra);
+  const outputs<double> want = run<reference, double>(widen(t), cfg, extra);
+  std::int64_t flips = 0;
+  const std::vector<bool> keep = agreeing_rows(t, cfg, got.selected, want.selected, got.width, &flips);
+  std::int64_t unequal = 0, unpadded = 0;
+  for (std::size_t row = 0; row < keep.size(); ++row) {
+    const auto g = got.selected.begin() + row * got.width, w = want.selected.begin() + row * got.width;
+    unequal += keep[row] && !std::equal(g, g + got.width, w);
+    unpadded += std::any_of(g + cfg.top_k, g + got.width, [](std::int32_t b) { return b != -1; });
+  }
+  CHECK(unequal == 0);
+  CHECK(unpadded == 0);
+  CHECK(flips * 100 <= static_cast<std::int64_t>(keep.size()));
+}
+
+template <class Backend, class T>
 void suite_errors_leave_outputs_untouched() {
   const std::int64_t d = supported_dims<Backend, T>().front();
   const tensors<T> t = random_tensors<T>({{20}, {20}, 2, 1, d}, fresh_seed());
@@ -276,6 +300,9 @@ void suite_errors_leave_outputs_untouched() {
   }                                                                                                              \
   TEST_CASE_TEMPLATE(#Backend ": equal gate scores select the lower block", T, __VA_ARGS__) {                    \
     moba::test::suite_ties_go_to_the_lower_block<Backend, T>();                                                 \
+  }                                                                                                              \
+  TEST_CASE_TEMPLATE(#Backend ": a wide selection view is ascending, then -1", T, __VA_ARGS__) {               \
+    moba::test::suite_wide_selection_is_ascending_and_padded<Backend, T>();                                      \
   }                                                                                                              \
   TEST_CASE_TEMPLATE(#Backend ": a bad argument throws and leaves the output untouched", T, __VA_ARGS__) {       \
     moba::test::suite_errors_leave_outputs_untouched<Backend, T>();                                             \

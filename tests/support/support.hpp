@@ -100,13 +100,15 @@ struct runner {
   static void forward(attention<Backend, T>& attn, const forward_args<T>& args) { attn.forward(args); }
 };
 
-/// Runs `Backend` on `t` with poisoned outputs (lse and selection included).
+/// Runs `Backend` on `t` with poisoned outputs (lse and selection included); the selection view is
+/// `extra_width` entries wider than it needs to be.
 template <class Backend, class T>
-outputs<T> run(const tensors<T>& t, const config& cfg) {
+outputs<T> run(const tensors<T>& t, const config& cfg, std::int64_t extra_width = 0) {
   outputs<T> o;
   std::int64_t max_k = 0;
   for (auto len : t.s.k_lens) max_k = std::max<std::int64_t>(max_k, len);
-  o.width = cfg.mode == mode::full ? std::max<std::int64_t>(1, core::block_count(max_k, cfg.block_size)) : cfg.top_k;
+  o.width = (cfg.mode == mode::full ? std::max<std::int64_t>(1, core::block_count(max_k, cfg.block_size)) : cfg.top_k) +
+            extra_width;
   o.out.assign(t.total_q() * t.s.hq * t.s.d, poison_value<T>());
   o.lse.assign(t.total_q() * t.s.hq, poison_value<accum_t<T>>());
   o.selected.assign(t.total_q() * t.s.hq * o.width, poison_value<std::int32_t>());
