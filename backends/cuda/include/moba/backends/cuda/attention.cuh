@@ -173,14 +173,14 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
 #if defined(MOBA_CUDA_WGMMA)
     // Stagger the two warpgroups by one product: the second computes its scores while the first
     // runs its softmax, so tensor cores and the exp unit work at the same time.
-    if (warp >= 4) named_barrier_sync(1, attention_threads);
-    else if (!active) named_barrier_arrive(1, attention_threads);
+    if (warp >= 4) named_barrier_sync<1>(attention_threads);
+    else if (!active) named_barrier_arrive<1>(attention_threads);
 #endif
     if (active) {
       float s[tile_keys / 2];
       tile_scores(sm, buf, s);
 #if defined(MOBA_CUDA_WGMMA)
-      if (warp < 4) named_barrier_arrive(1, attention_threads);
+      if (warp < 4) named_barrier_arrive<1>(attention_threads);
 #endif
 #pragma unroll
       for (int e = 0; e < tile_keys / 2; ++e) s[e] *= scale_log2;

@@ -139,29 +139,37 @@ __device__ __forceinline__ void sift_down(std::uint64_t* heap, int size, int n, 
   heap[n * tile_rows] = key;
 }
 
-/// Shared memory of the gate: the query tile's pieces (until they are in registers, then one tile
-/// of scores, a padded row per thread), two stages of kbar pieces for gate_tile_blocks blocks (stored
-/// like the attention tiles, swizzled_offset), and, past the struct, each row's best (K−1) keys.
+/// Shared memory of the gate: the query tile's pieces, one stage of kbar pieces for gate_tile_blocks
+/// blocks (both stored like the attention tiles, swizzled_offset), two buffers of scores (a padded
+/// row per query) and, past the struct, each row's best (K−1) keys.
 template <class T, int D>
 struct gate_smem {
   static constexpr int score_pitch = gate_tile_blocks + 4;  // 16-byte rows, a warp's 16-byte reads conflict-free
-  static constexpr int q_bytes = q_pieces<T> * tile_rows * D * 2, score_bytes = tile_rows * score_pitch * 4;
-  alignas(1024) unsigned char q_or_score[q_bytes > score_bytes ? q_bytes : score_bytes];
-  alignas(1024) bfloat16 kbar[2][kbar_pieces][gate_tile_blocks * D];
+  alignas(1024) bfloat16 q[q_pieces<T>][tile_rows * D];
+  alignas(1024) bfloat16 kbar[kbar_pieces][gate_tile_blocks * D];
+  alignas(16) float score[2][tile_rows * score_pitch];
 
-  __device__ bfloat16* q(int n) { return reinterpret_cast<bfloat16*>(q_or_score) + n * tile_rows * D; }
-  __device__ float* score_row(int r) { return reinterpret_cast<float*>(q_or_score) + r * score_pitch; }
+  __device__ float* score_row(int buf, int r) { return score[buf] + r * score_pitch; }
   __device__ std::uint64_t* best() { return reinterpret_cast<std::uint64_t*>(this + 1); }  // [K − 1][tile_rows]
   static std::size_t launch_bytes(std::int64_t top_k) {
     return sizeof(gate_smem) + 1024 + static_cast<std::size_t>(top_k - 1) * tile_rows * sizeof(std::uint64_t);
   }
 };
 
+/// Warp roles of the gate: warps 0–3 rank (a thread per query row), warps 4–7 score (32 rows per
+/// warp) and copy kbar, so that the ranking of one tile of blocks overlaps the products of the next.
+inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads - tile_rows;
+/// Named barriers of the kbar stage: its copy landed, and every scorer is done reading it. Both span
+/// the CTA, the rankers only arriving (a barrier of the scorers alone drew racecheck hazard reports);
+/// 0 is __syncthreads, which hands a tile of scores to the rankers.
+inline constexpr int kbar_landed_barrier = 1, kbar_read_barrier = 2;
+
 /// Fused gate: grid (query tiles of tile_rows, Hq), attention_threads threads, gate_smem. Scores
 /// q · kbar come from bf16 tensor-core products of the pieces (split_bf16) with fp32 accumulation:
-/// fp32 scores, never written to global memory. Per tile of blocks, the warps (16 rows each) write
-/// the scores to shared memory; then one thread per row keeps the row's best K−1 as rank_key values
-/// in a shared-memory min-heap whose root, kept as a register bar, rejects most blocks.
+/// fp32 scores, never written to global memory. Per tile of blocks, the scorer warps write the
+/// scores to a shared-memory buffer; one ranker thread per row keeps the row's best K−1 as
+/// rank_key values in a shared-memory min-heap whose root, kept as a register bar, rejects most
+/// blocks. Two score buffers let the scorers compute one tile while the rankers rank the previous.
 template <class T, int D>
 __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
                                                                   const bfloat16* kbar, std::int32_t* sel) {
@@ -175,15 +183,17 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
   const std::int64_t i0 = (blockIdx.x - e.tile_offset) * tile_rows;
   const std::int64_t rows = e.seq.q_len - i0 < tile_rows ? e.seq.q_len - i0 : tile_rows;
   const std::int64_t c_last = core::current_block(e.seq.pos(i0 + rows - 1), p.block_size);
-  const bfloat16* kbar_seq = kbar + e.block_offset * p.kv_heads * kbar_pieces * D;
-  auto load_kbar = [&](int buf, std::int64_t j0) {
+  const int tiles = static_cast<int>((c_last + gate_tile_blocks - 1) / gate_tile_blocks);
+  const bool scorer = threadIdx.x >= gate_rankers;
+  auto load_kbar = [&](std::int64_t j0) {  // by the scorers; blocks at or past c_last read as zeros
+    const std::int64_t stride = p.kv_heads * kbar_pieces * D;
+    const bfloat16* first = kbar + (e.block_offset + j0) * stride + kvh * kbar_pieces * D;
+    const int valid = static_cast<int>(c_last - j0 < gate_tile_blocks ? c_last - j0 : gate_tile_blocks);
     for (int n = 0; n < kbar_pieces; ++n)
-      load_rows_async<bfloat16, D, gate_tile_blocks>(sm.kbar[buf][n], [&](int r) -> const bfloat16* {
-        return j0 + r < c_last ? kbar_seq + ((j0 + r) * p.kv_heads * kbar_pieces + kvh * kbar_pieces + n) * D : nullptr;
-      });
+      load_tile_async<bfloat16, D, gate_tile_blocks, gate_scorers>(sm.kbar[n], first + n * D, stride, valid);
     cp_async_commit();
   };
-  if (c_last > 0) load_kbar(0, 0);
+  if (scorer && tiles > 0) load_kbar(0);
 
   constexpr int w = load_width<T>;
 #pragma unroll
@@ -201,60 +211,69 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
     }
 #pragma unroll
     for (int n = 0; n < qp; ++n) {  // w consecutive elements lie in one 16-byte chunk of the swizzled row
-      auto* at = reinterpret_cast<unsigned char*>(sm.q(n)) + swizzled_offset<tile_rows>(r, d);
+      auto* at = reinterpret_cast<unsigned char*>(sm.q[n]) + swizzled_offset<tile_rows>(r, d);
       if constexpr (w == 8) *reinterpret_cast<uint4*>(at) = *reinterpret_cast<const uint4*>(piece[n]);
       else *reinterpret_cast<bfloat16*>(at) = piece[n][0];
     }
   }
-  __syncthreads();
-  std::uint32_t a[qp][D / 16][4];  // this warp's query rows as mma A fragments
-#pragma unroll
-  for (int n = 0; n < qp; ++n)
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks)
-      ldmatrix_x4<false>(a[n][ks], reinterpret_cast<const unsigned char*>(sm.q(n)) +
-                                       swizzled_offset<tile_rows>(warp * 16 + (mi % 2) * 8 + mr, ks * 16 + (mi / 2) * 8));
+  __syncthreads();  // the query pieces are in place
 
-  // The row this thread ranks (threads past tile_rows only help score).
+  // The ranker's row and its best keys so far: appended until there are `want`, then a min-heap
+  // whose root is the bar.
   const int row = threadIdx.x;
-  const std::int64_t c = row < rows ? core::current_block(e.seq.pos(i0 + row), p.block_size) : 0;
-  // The row's best keys so far: appended until there are `want`, then a min-heap whose root is the bar.
-  std::uint64_t* best = sm.best() + row;  // entry n at best[n * tile_rows]
+  const std::int64_t c = !scorer && row < rows ? core::current_block(e.seq.pos(i0 + row), p.block_size) : 0;
+  std::uint64_t* best = sm.best() + row;  // entry n at best[n * tile_rows] (rankers only)
   const int want = static_cast<int>(core::history_count(c, p.top_k, false));
   int size = 0;
   std::uint64_t bar = 0;  // keys must exceed it (every key is > 0)
 
-  int buf = 0;
-  for (std::int64_t j0 = 0; j0 < c_last; j0 += gate_tile_blocks, buf ^= 1) {
-    if (j0 + gate_tile_blocks < c_last) load_kbar(buf ^ 1, j0 + gate_tile_blocks);
-    else cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();  // kbar stage `buf` landed; the previous tile's scores were ranked (q: in registers)
-    float score[gate_tile_blocks / 2] = {};
+  const int row0 = (warp - gate_rankers / 32) * 32;  // a scorer warp's 32 rows, as two 16-row mma tiles
+  auto score_tile = [&](int tile) {
+    const int buf = tile % 2;
+    cp_async_wait<0>();
+    named_barrier_sync<kbar_landed_barrier>(attention_threads);  // every scorer's copy landed
+    float score[2][gate_tile_blocks / 2] = {};
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks)
+    for (int ks = 0; ks < D / 16; ++ks) {
+      std::uint32_t a[qp][2][4];
+#pragma unroll
+      for (int n = 0; n < qp; ++n)
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+          ldmatrix_x4<false>(a[n][m], reinterpret_cast<const unsigned char*>(sm.q[n]) +
+                                          swizzled_offset<tile_rows>(row0 + m * 16 + (mi % 2) * 8 + mr, ks * 16 + (mi / 2) * 8));
 #pragma unroll
       for (int nt = 0; nt < gate_tile_blocks / 8; nt += 2)
 #pragma unroll
         for (int kn = 0; kn < kbar_pieces; ++kn) {
           std::uint32_t b[4];
-          ldmatrix_x4<false>(b, reinterpret_cast<const unsigned char*>(sm.kbar[buf][kn]) +
+          ldmatrix_x4<false>(b, reinterpret_cast<const unsigned char*>(sm.kbar[kn]) +
                                     swizzled_offset<gate_tile_blocks>((nt + mi / 2) * 8 + mr, ks * 16 + (mi % 2) * 8));
 #pragma unroll
-          for (int qn = 0; qn < qp && qn + kn <= 2; ++qn) {
-            mma_16816<bfloat16>(reinterpret_cast<float(&)[4]>(score[4 * nt]), a[qn][ks], b[0], b[1]);
-            mma_16816<bfloat16>(reinterpret_cast<float(&)[4]>(score[4 * nt + 4]), a[qn][ks], b[2], b[3]);
-          }
+          for (int qn = 0; qn < qp && qn + kn <= 2; ++qn)
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+              mma_16816<bfloat16>(reinterpret_cast<float(&)[4]>(score[m][4 * nt]), a[qn][m], b[0], b[1]);
+              mma_16816<bfloat16>(reinterpret_cast<float(&)[4]>(score[m][4 * nt + 4]), a[qn][m], b[2], b[3]);
+            }
         }
+    }
+    named_barrier_sync<kbar_read_barrier>(attention_threads);  // every scorer is done with the stage
+    if (tile + 1 < tiles) load_kbar((tile + 1) * static_cast<std::int64_t>(gate_tile_blocks));
 #pragma unroll
-    for (int nt = 0; nt < gate_tile_blocks / 8; ++nt)
+    for (int m = 0; m < 2; ++m)
 #pragma unroll
-      for (int x = 0; x < 4; x += 2)
-        *reinterpret_cast<float2*>(sm.score_row(warp * 16 + lane / 4 + 4 * x) + nt * 8 + 2 * t) =
-            make_float2(score[4 * nt + x], score[4 * nt + x + 1]);
-    __syncthreads();  // scores visible; stage `buf` is refilled by the next iteration's copy
-    if (row < tile_rows && want > 0) {
-      const float* mine = sm.score_row(row);
+      for (int nt = 0; nt < gate_tile_blocks / 8; ++nt)
+#pragma unroll
+        for (int x = 0; x < 4; x += 2)
+          *reinterpret_cast<float2*>(sm.score_row(buf, row0 + m * 16 + lane / 4 + 4 * x) + nt * 8 + 2 * t) =
+              make_float2(score[m][4 * nt + x], score[m][4 * nt + x + 1]);
+  };
+  auto rank_tile = [&](int tile) {
+    const int buf = tile % 2;
+    const std::int64_t j0 = tile * static_cast<std::int64_t>(gate_tile_blocks);
+    if (want > 0) {
+      const float* mine = sm.score_row(buf, row);
       // SPEC §Blocks 4: only blocks wholly in the past are eligible.
       const std::int64_t eligible = c - j0;
       std::uint32_t maybe = eligible >= gate_tile_blocks ? ~0u : eligible > 0 ? (1u << eligible) - 1 : 0u;
@@ -288,10 +307,24 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
         bar = best[0];
       }
     }
+  };
+  // Step s: the scorers compute tile s into buffer s % 2 while the rankers rank tile s − 1 from the
+  // other; __syncthreads hands the tile over and frees the buffer. The kbar barriers count all
+  // attention_threads exactly in the steps that score a tile (step < tiles, the same for the CTA).
+  for (int step = 0; step <= tiles; ++step) {
+    if (step < tiles) {
+      if (scorer) {
+        score_tile(step);
+      } else {
+        named_barrier_arrive<kbar_landed_barrier>(attention_threads);
+        named_barrier_arrive<kbar_read_barrier>(attention_threads);
+      }
+    }
+    if (!scorer && step > 0) rank_tile(step - 1);
+    __syncthreads();
   }
-  cp_async_wait<0>();
 
-  if (row < rows) {
+  if (!scorer && row < rows) {
     // SPEC output order is ascending: a history block's place is the number of smaller ones, and the
     // current block comes after them all (no local-memory sort).
     auto block = [&](int n) { return key_block(best[n * tile_rows]); };

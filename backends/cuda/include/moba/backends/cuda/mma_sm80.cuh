@@ -35,6 +35,17 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const std::uint32_t (&a
 #endif
 }
 
+/// Named barrier `Id` over `count` threads: sync waits for all of them, arrive only counts this
+/// thread. A constant id lets ptxas reserve only the barriers a kernel names.
+template <int Id>
+__device__ __forceinline__ void named_barrier_sync(int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(Id), "r"(count) : "memory");
+}
+template <int Id>
+__device__ __forceinline__ void named_barrier_arrive(int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(Id), "r"(count) : "memory");
+}
+
 }  // namespace moba::backends::cuda
 
 namespace moba::backends::cuda {
@@ -101,13 +112,14 @@ __device__ __forceinline__ void load_rows_async(T* tile, Src src) {
 }
 
 /// Copies rows first, first + stride, … of D elements into a swizzled tile of Rows rows; rows at or
-/// past `valid` read as zeros. Each thread keeps one 16-byte column and a fixed row residue mod 8, so
-/// its shared offsets are one base plus a constant step (no per-chunk index arithmetic).
-template <class T, int D, int Rows>
+/// past `valid` read as zeros. `Threads` consecutive threads share the copy. Each keeps one 16-byte
+/// column and a fixed row residue mod 8, so its shared offsets are one base plus a constant step
+/// (no per-chunk index arithmetic).
+template <class T, int D, int Rows, int Threads = attention_threads>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* first, std::int64_t stride, int valid) {
-  constexpr int chunks = D / 8, row_step = attention_threads / chunks;
-  static_assert(attention_threads % chunks == 0 && row_step % 8 == 0 && Rows % row_step == 0);
-  const int r0 = threadIdx.x / chunks, c = threadIdx.x % chunks;
+  constexpr int chunks = D / 8, row_step = Threads / chunks;
+  static_assert(Threads % chunks == 0 && row_step % 8 == 0 && Rows % row_step == 0);
+  const int r0 = threadIdx.x % Threads / chunks, c = threadIdx.x % chunks;
   auto* dst = reinterpret_cast<unsigned char*>(tile) + swizzled_offset<Rows>(r0, c * 8);
   const T* src = first + r0 * stride + c * 8;
 #pragma unroll

@@ -13,7 +13,7 @@ inline constexpr int tile_keys = 128;
 inline constexpr int kv_stages = 2;
 inline constexpr int attention_threads = 256;
 
-/// Gate: query tiles of tile_rows rows (a warp per 16) against tiles of 32 block means, double-buffered.
+/// Gate: query tiles of tile_rows rows against tiles of 32 block means (scores double-buffered).
 inline constexpr int gate_tile_blocks = 32;
 /// The gate keeps each query's best K − 1 blocks in shared memory, 1 KiB per entry and 128-row
 /// tile (63 KiB at the limit): sparse top_k <= max_top_k.

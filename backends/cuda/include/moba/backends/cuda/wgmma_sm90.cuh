@@ -23,14 +23,6 @@ __device__ __forceinline__ void fence_async_shared() {
 #endif
 }
 
-/// Named barrier `id` over `count` threads: sync waits for all of them, arrive only counts this thread.
-__device__ __forceinline__ void named_barrier_sync(int id, int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
 #if defined(MOBA_CUDA_WGMMA)
 
 /// Matrix descriptor of a 128B-swizzled shared-memory operand: start address, leading- and
