@@ -7,8 +7,9 @@
 /// through a log-sum-exp buffer. A CUDA-core kernel serves float.
 #pragma once
 
-#include <cstdint>
 #include <cmath>
+#include <cstddef>
+#include <cstdint>
 
 #include <moba/backends/cuda/element.cuh>
 #include <moba/backends/cuda/mma_sm80.cuh>
@@ -31,6 +32,7 @@ struct attention_smem {
   std::int64_t lo[tile_rows], hi[tile_rows];  // keys [lo, hi) the row attends
   std::int32_t query[tile_rows];              // query index inside the sequence, -1 for an unused row
   std::int32_t head[tile_rows];               // its query head
+  float old_weight[tile_rows];                // finish_tile: weight of out's earlier partial result, -1 for none
   std::int64_t warp_lo[attention_threads / 32], warp_hi[attention_threads / 32];  // per-warp key span
   /// Bytes to request: the struct plus slack to align the dynamic shared-memory base to 1024.
   static constexpr int launch_bytes = sizeof(attention_smem) + 1024;
@@ -119,14 +121,36 @@ __device__ __forceinline__ void tile_values(const attention_smem<T, D>& sm, int 
 #endif
 }
 
-/// Attends the CTA's query tile (sm.q, sm.lo, sm.hi, sm.warp_lo, sm.warp_hi: set, and q's copy
-/// committed, by the caller) to keys [k_begin, k_end) of kv head kvh, each row to its own [lo, hi)
-/// only, by online softmax (SPEC §Attention). Every thread of the CTA calls it. Key tiles are
-/// double-buffered: the copy of tile n + 1 runs while tile n is computed.
+/// Where kv head kvh's keys and values of a sequence start (computed once: the sequence table
+/// lives in global memory).
+template <class T>
+struct kv_rows {
+  const T *k, *v;
+  std::int64_t k_stride, v_stride;
+  __device__ kv_rows(const core::fwd_params<T>& p, const sequence_info& seq, std::int64_t kvh)
+      : k(row_ptr(p.k, seq.batch, seq.k_start, kvh)), v(row_ptr(p.v, seq.batch, seq.k_start, kvh)),
+        k_stride(p.k.stride[1]), v_stride(p.v.stride[1]) {}
+};
+
+/// Issues the copy of the key and value tile starting at key k0 into stage `buf`, as one cp.async
+/// group; keys at or past k_end read as zeros.
 template <class T, int D>
-__device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_info& seq,
-                            std::int64_t kvh, std::int64_t k_begin, std::int64_t k_end, float scale_log2,
-                            row_state<D>& st) {
+__device__ __forceinline__ void load_kv_async(attention_smem<T, D>& sm, const kv_rows<T>& src, int buf, std::int64_t k0,
+                                              std::int64_t k_end) {
+  const int valid = static_cast<int>(k_end - k0 < tile_keys ? k_end - k0 : tile_keys);
+  load_tile_async<T, D, tile_keys>(sm.k[buf], src.k + k0 * src.k_stride, src.k_stride, valid);
+  load_tile_async<T, D, tile_keys>(sm.v[buf], src.v + k0 * src.v_stride, src.v_stride, valid);
+  cp_async_commit();
+}
+
+/// Attends the CTA's query tile (sm.q, sm.lo, sm.hi, sm.warp_lo, sm.warp_hi: set, and the copies of
+/// q and of the first key tile into stage 0 issued, by the caller: as early as it knows them, so
+/// that they overlap its own setup) to keys [k_begin, k_end) of `src`, each row to its own [lo, hi)
+/// only, by online softmax (SPEC §Attention). Every thread of the CTA calls it. Key tiles
+/// are double-buffered: the copy of tile n + 1 runs while tile n is computed.
+template <class T, int D>
+__device__ void attend_tile(attention_smem<T, D>& sm, const kv_rows<T>& src, std::int64_t k_begin, std::int64_t k_end,
+                            float scale_log2, row_state<D>& st) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   const int r0 = warp * 16 + lane / 4;
   const std::int64_t lo[2] = {sm.lo[r0], sm.lo[r0 + 8]}, hi[2] = {sm.hi[r0], sm.hi[r0 + 8]};
@@ -154,33 +178,25 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
     span_hi = sm.warp_hi[w] > span_hi ? sm.warp_hi[w] : span_hi;
   }
 
-  const T* k_rows = row_ptr(p.k, seq.batch, seq.k_start, kvh);
-  const T* v_rows = row_ptr(p.v, seq.batch, seq.k_start, kvh);
-  auto load_kv = [&](int buf, std::int64_t k0) {  // keys at or past k_end read as zeros
-    const int valid = static_cast<int>(k_end - k0 < tile_keys ? k_end - k0 : tile_keys);
-    load_tile_async<T, D, tile_keys>(sm.k[buf], k_rows + k0 * p.k.stride[1], p.k.stride[1], valid);
-    load_tile_async<T, D, tile_keys>(sm.v[buf], v_rows + k0 * p.v.stride[1], p.v.stride[1], valid);
-    cp_async_commit();
-  };
-  if (k_begin < k_end) load_kv(0, k_begin);
   int buf = 0;
   for (std::int64_t k0 = k_begin; k0 < k_end; k0 += tile_keys, buf ^= 1) {
     cp_async_wait<0>();
     fence_async_shared();
     __syncthreads();  // tile k0 is visible, and every warp is done with the previous tile's stage ...
-    if (k0 + tile_keys < k_end) load_kv(buf ^ 1, k0 + tile_keys);  // ... which the next tile refills now
+    if (k0 + tile_keys < k_end) load_kv_async(sm, src, buf ^ 1, k0 + tile_keys, k_end);  // ... which the next tile refills now
     const bool active = k0 < span_hi && k0 + tile_keys > span_lo;  // uniform over the group
 #if defined(MOBA_CUDA_WGMMA)
     // Stagger the two warpgroups by one product: the second computes its scores while the first
-    // runs its softmax, so tensor cores and the exp unit work at the same time.
-    if (warp >= 4) named_barrier_sync<1>(attention_threads);
-    else if (!active) named_barrier_arrive<1>(attention_threads);
+    // runs its softmax, so tensor cores and the exp unit work at the same time. The first meets the
+    // barrier after its scores, the second before its own; the second is already waiting there, so
+    // a sync costs the first nothing (and compute-sanitizer racecheck misreads bar.arrive).
+    if (warp >= 4 || !active) named_barrier_sync<1>(attention_threads);
 #endif
     if (active) {
       float s[tile_keys / 2];
       tile_scores(sm, buf, s);
 #if defined(MOBA_CUDA_WGMMA)
-      if (warp < 4) named_barrier_arrive<1>(attention_threads);
+      if (warp < 4) named_barrier_sync<1>(attention_threads);
 #endif
 #pragma unroll
       for (int e = 0; e < tile_keys / 2; ++e) s[e] *= scale_log2;
@@ -262,36 +278,69 @@ struct epilogue {
   bool final_pass;    // write the caller's lse (natural log) instead of lse2
 };
 
-/// Writes row `i` (state half `ri`) of query head h: alone, or merged with the normalised partial
-/// result an earlier pass left (out_old · 2^(L_old − L) + o · 2^(m − L), L the combined log2-sum-exp).
-template <class T, int D>
-__device__ void finish_row(const core::fwd_params<T>& p, const sequence_desc& e, std::int64_t i, std::int64_t h,
-                           const row_state<D>& st, int ri, const epilogue& ep, bool merge) {
-  const int t = threadIdx.x % 4;
-  T* out = row_ptr(p.out, e.seq.batch, e.seq.q_start + i, h);
-  float* lse2 = ep.lse2 ? ep.lse2 + (e.row_offset + i) * p.q_heads + h : nullptr;
-  float part = st.m[ri] + log2f(st.l[ri]), w_old = 0.f, w_new = 1.f / st.l[ri];
-  if (merge) {
-    const float old = *lse2, top = fmaxf(old, part);
-    const float total = top + log2f(exp2f(old - top) + exp2f(part - top));
-    w_old = exp2f(old - total);
-    w_new = exp2f(st.m[ri] - total);
-    part = total;
+/// Writes the tile's rows (sm.query[r] >= 0, query head sm.head[r]) into out: alone, or merged with
+/// the normalised partial result an earlier pass left (out_old · 2^(L_old − L) + o · 2^(m − L), L the
+/// combined log2-sum-exp) where merges(query) says so. The rows go through shared memory (the key and
+/// value stages, free once every warp is done with them) so that out is read and written in whole
+/// 16-byte chunks, every old chunk of a thread loaded before any store.
+template <class T, int D, class Merges>
+__device__ void finish_tile(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_desc& e,
+                            const row_state<D>& st, const epilogue& ep, Merges merges) {
+  constexpr int pitch = D + 8;  // floats: a half-warp's float2 stores of 4 rows hit distinct banks
+  using smem = attention_smem<T, D>;
+  static_assert(sizeof(sm.k) + sizeof(sm.v) >= tile_rows * pitch * sizeof(float) && offsetof(smem, v) == offsetof(smem, k) + sizeof(sm.k));
+  float* staged = reinterpret_cast<float*>(sm.k);
+  const int t = threadIdx.x % 4, r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
+  const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start, row_offset = e.row_offset;  // once: e is global
+  fence_async_shared();  // order the stages' last reads (wgmma: the async proxy) before the stores below
+  __syncthreads();       // every warp is done with the key and value stages
+  for (int ri = 0; ri < 2; ++ri) {
+    const int r = r0 + 8 * ri;
+    const std::int64_t i = sm.query[r], h = sm.head[r];
+    if (i < 0) continue;
+    float* lse2 = ep.lse2 ? ep.lse2 + (row_offset + i) * p.q_heads + h : nullptr;
+    float part = st.m[ri] + log2f(st.l[ri]), w_old = -1.f, w_new = 1.f / st.l[ri];
+    if (merges(i)) {
+      const float old = *lse2, top = fmaxf(old, part);
+      const float total = top + log2f(exp2f(old - top) + exp2f(part - top));
+      w_old = exp2f(old - total);
+      w_new = exp2f(st.m[ri] - total);
+      part = total;
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<float2*>(staged + r * pitch + dn * 8 + 2 * t) =
+          make_float2(st.o[4 * dn + 2 * ri] * w_new, st.o[4 * dn + 2 * ri + 1] * w_new);
+    if (t != 0) continue;
+    sm.old_weight[r] = w_old;
+    if (!ep.final_pass) *lse2 = part;
+    else if (p.lse.given()) p.lse(batch, q_start + i, h) = part * 0.6931471805599453f;
+  }
+  __syncthreads();
+  constexpr int chunks = D / 8, per_thread = tile_rows * chunks / attention_threads;
+  uint4 old[per_thread];
+#pragma unroll
+  for (int n = 0; n < per_thread; ++n) {
+    const int x = threadIdx.x + n * attention_threads, r = x / chunks;
+    if (sm.query[r] >= 0 && sm.old_weight[r] >= 0.f)
+      old[n] = *reinterpret_cast<const uint4*>(row_ptr(p.out, batch, q_start + sm.query[r], sm.head[r]) + x % chunks * 8);
   }
 #pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) {
-    T* x = out + dn * 8 + 2 * t;
-    float a = st.o[4 * dn + 2 * ri] * w_new, b = st.o[4 * dn + 2 * ri + 1] * w_new;
-    if (merge) {
-      a += to_float(x[0]) * w_old;
-      b += to_float(x[1]) * w_old;
+  for (int n = 0; n < per_thread; ++n) {
+    const int x = threadIdx.x + n * attention_threads, r = x / chunks, c = x % chunks;
+    if (sm.query[r] < 0) continue;
+    const float4 lo = *reinterpret_cast<const float4*>(staged + r * pitch + c * 8);
+    const float4 hi = *reinterpret_cast<const float4*>(staged + r * pitch + c * 8 + 4);
+    float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    const float w_old = sm.old_weight[r];
+    if (w_old >= 0.f) {
+      const T* prev = reinterpret_cast<const T*>(&old[n]);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] += to_float(prev[k]) * w_old;
     }
-    x[0] = from_float<T>(a);
-    x[1] = from_float<T>(b);
+    const uint4 packed{pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7])};
+    *reinterpret_cast<uint4*>(row_ptr(p.out, batch, q_start + sm.query[r], sm.head[r]) + c * 8) = packed;
   }
-  if (t != 0) return;
-  if (!ep.final_pass) *lse2 = part;
-  else if (p.lse.given()) p.lse(e.seq.batch, e.seq.q_start + i, h) = part * 0.6931471805599453f;
 }
 
 /// Zeroes this thread's state.
@@ -315,10 +364,16 @@ __global__ void __launch_bounds__(attention_threads, 1)
   const sequence_desc& e = table[s];
   const std::int64_t i0 = (blockIdx.x - e.tile_offset) * tile_rows;
   const std::int64_t rows = e.seq.q_len - i0 < tile_rows ? e.seq.q_len - i0 : tile_rows;
+  // Keys [k_begin, k_end) cover every row's: the rows' positions ascend.
+  const std::int64_t k_begin = p.full ? 0 : core::block_begin(core::current_block(e.seq.pos(i0), p.block_size), p.block_size);
+  const std::int64_t k_end = e.seq.pos(i0 + rows - 1) + 1;
+  const kv_rows<T> src(p, e.seq, kvh);
+  load_kv_async(sm, src, 0, k_begin, k_end);
   if (threadIdx.x < tile_rows) {
     const int r = threadIdx.x;
     const std::int64_t pos = r < rows ? e.seq.pos(i0 + r) : 0;
     sm.query[r] = r < rows ? static_cast<std::int32_t>(i0 + r) : -1;
+    sm.head[r] = static_cast<std::int32_t>(h);
     sm.lo[r] = r >= rows ? 0 : p.full ? 0 : core::block_begin(core::current_block(pos, p.block_size), p.block_size);
     sm.hi[r] = r < rows ? pos + 1 : 0;
   }
@@ -329,22 +384,19 @@ __global__ void __launch_bounds__(attention_threads, 1)
   tile_spans(sm);
   row_state<D> st;
   init_state(st);
-  attend_tile(sm, p, e.seq, kvh, sm.lo[0], sm.hi[rows - 1], scale_log2, st);
-  const int r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
-  for (int ri = 0; ri < 2; ++ri) {
-    const std::int64_t i = sm.query[r0 + 8 * ri];
-    if (i < 0) continue;
-    const std::int64_t c = core::current_block(e.seq.pos(i), p.block_size);
-    finish_row(p, e, i, h, st, ri, ep, ep.merge && core::history_count(c, p.top_k, p.full) > 0);
-  }
+  attend_tile(sm, src, k_begin, k_end, scale_log2, st);
+  finish_tile(sm, p, e, st, ep, [&](std::int64_t i) {
+    return ep.merge && core::history_count(core::current_block(e.seq.pos(i), p.block_size), p.top_k, p.full) > 0;
+  });
 }
 
 /// The rows (query, head) whose history block in one selection slot is key block j, listed per
 /// key x = kvh · total_blocks + global block (slots.cuh): rows[start[x] .. start[x + 1]), in
-/// tile_rows tiles numbered from tile_start[x].
+/// tile_rows tiles numbered from tile_start[x]; tile_list[n] is the x of tile n.
 struct slot_lists {
   const std::int64_t* start;       // [keys + 1]
   const std::int64_t* tile_start;  // [keys + 1]
+  const std::int32_t* tile_list;   // [tiles]
   const std::int32_t* rows;        // entries i · Hq + h
   std::int64_t total_blocks;
 };
@@ -358,26 +410,24 @@ __global__ void __launch_bounds__(attention_threads, 1)
   auto& sm = attention_smem<T, D>::at(smem_raw);
   const std::int64_t keys = p.kv_heads * lists.total_blocks, tile = blockIdx.x;
   if (tile >= lists.tile_start[keys]) return;
-  std::int64_t lo = 0, hi = keys;  // tile_start[lo] <= tile < tile_start[hi]
-  while (hi - lo > 1) {
-    const std::int64_t mid = (lo + hi) / 2;
-    if (lists.tile_start[mid] <= tile) lo = mid; else hi = mid;
-  }
-  const std::int64_t kvh = lo / lists.total_blocks, gblock = lo % lists.total_blocks;
+  const std::int64_t x = lists.tile_list[tile];
+  const std::int64_t kvh = x / lists.total_blocks, gblock = x % lists.total_blocks;
   const std::int64_t s = find_sequence(table, p.seqs.count, gblock, [](const sequence_desc& e) { return e.block_offset; });
   const sequence_desc& e = table[s];
   const std::int64_t j = gblock - e.block_offset;
-  const std::int64_t begin = lists.start[lo] + (tile - lists.tile_start[lo]) * tile_rows;
-  const std::int64_t rows = lists.start[lo + 1] - begin < tile_rows ? lists.start[lo + 1] - begin : tile_rows;
-  const std::int32_t* entries = lists.rows + begin;
   const std::int64_t k_begin = core::block_begin(j, p.block_size), k_end = core::block_end(j, p.block_size, e.seq.k_len);
+  const kv_rows<T> src(p, e.seq, kvh);
+  load_kv_async(sm, src, 0, k_begin, k_end);  // needs only the block: under the row lookup below
+  const std::int64_t begin = lists.start[x] + (tile - lists.tile_start[x]) * tile_rows;
+  const std::int64_t rows = lists.start[x + 1] - begin < tile_rows ? lists.start[x + 1] - begin : tile_rows;
+  const std::int32_t* entries = lists.rows + begin;
   if (threadIdx.x < tile_rows) {
     const int r = threadIdx.x;
-    const std::int32_t x = r < rows ? entries[r] : -1;
-    sm.query[r] = x < 0 ? -1 : static_cast<std::int32_t>(x / p.q_heads);
-    sm.head[r] = x < 0 ? 0 : static_cast<std::int32_t>(x % p.q_heads);
-    sm.lo[r] = x < 0 ? 0 : k_begin;
-    sm.hi[r] = x < 0 ? 0 : k_end;
+    const std::int32_t entry = r < rows ? entries[r] : -1;
+    sm.query[r] = entry < 0 ? -1 : static_cast<std::int32_t>(entry / p.q_heads);
+    sm.head[r] = entry < 0 ? 0 : static_cast<std::int32_t>(entry % p.q_heads);
+    sm.lo[r] = entry < 0 ? 0 : k_begin;
+    sm.hi[r] = entry < 0 ? 0 : k_end;
   }
   __syncthreads();
   load_rows_async<T, D, tile_rows>(sm.q, [&](int r) -> const T* {
@@ -387,11 +437,8 @@ __global__ void __launch_bounds__(attention_threads, 1)
   tile_spans(sm);
   row_state<D> st;
   init_state(st);
-  attend_tile(sm, p, e.seq, kvh, k_begin, k_end, scale_log2, st);
-  const int r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
-  for (int ri = 0; ri < 2; ++ri)
-    if (sm.query[r0 + 8 * ri] >= 0)
-      finish_row(p, e, sm.query[r0 + 8 * ri], sm.head[r0 + 8 * ri], st, ri, ep, ep.merge);
+  attend_tile(sm, src, k_begin, k_end, scale_log2, st);
+  finish_tile(sm, p, e, st, ep, [&](std::int64_t) { return ep.merge; });
 }
 
 /// CUDA-core path (float, and any dtype as a fallback): one warp per (query, head), lanes split the

@@ -27,8 +27,9 @@ namespace moba::backends::cuda {
 
 /// Where each part of the device workspace lies (byte offsets, 256-aligned) for one call.
 struct workspace_layout {
-  std::int64_t table = 0, kbar = 0, sel = 0, lse2 = 0, counts = 0, start = 0, tile_start = 0, rows = 0, total = 0;
+  std::int64_t table = 0, kbar = 0, sel = 0, lse2 = 0, counts = 0, start = 0, tile_start = 0, tile_list = 0, rows = 0, total = 0;
   std::int64_t total_blocks = 0, passes = 0;  // history passes: the most history blocks any query has
+  std::int64_t history_tiles = 0;             // bound on one pass's tiles: at most one partly filled per list
 };
 
 inline std::int64_t align256(std::int64_t n) { return (n + 255) / 256 * 256; }
@@ -63,11 +64,14 @@ workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* 
     take(w.kbar, w.total_blocks * p.kv_heads * kbar_pieces * p.head_dim * 2);
     take(w.sel, row_heads * p.top_k * 4);
     if (!std::is_same_v<T, float> && most_history > 0) {
+      detail::require(keys < (std::int64_t{1} << 31), "moba::cuda: ", keys, " key blocks (times kv heads) is too many");
       w.passes = most_history;
+      w.history_tiles = (row_heads + tile_rows - 1) / tile_rows + std::min(keys, row_heads);
       take(w.lse2, row_heads * 4);
       take(w.counts, keys * 4);
       take(w.start, (keys + 1) * 8);
       take(w.tile_start, (keys + 1) * 8);
+      take(w.tile_list, w.history_tiles * 4);
       take(w.rows, row_heads * 4);
     }
   }
@@ -141,7 +145,7 @@ struct backend_impl<cuda, Dtype> {
     detail::require(p.full || p.top_k <= backends::cuda::max_top_k, name, " supports top_k <= ",
                     backends::cuda::max_top_k, " in sparse mode; got ", p.top_k);
     if constexpr (tensor_cores) {
-      // 16-byte vector loads of q, k, v rows.
+      // 16-byte vector loads of q, k, v rows and loads and stores of out rows.
       auto aligned = [](const auto& v, const char* what) {
         const bool ok = reinterpret_cast<std::uintptr_t>(v.data) % 16 == 0 && v.stride[0] % 8 == 0 &&
                         v.stride[1] % 8 == 0 && v.stride[2] % 8 == 0;
@@ -151,6 +155,7 @@ struct backend_impl<cuda, Dtype> {
       aligned(p.q, "q");
       aligned(p.k, "k");
       aligned(p.v, "v");
+      aligned(p.out, "out");
     }
     if (user_ != nullptr) {
       const std::int64_t need = workspace_size(p);
@@ -243,21 +248,20 @@ struct backend_impl<cuda, Dtype> {
     auto* counts = reinterpret_cast<std::int32_t*>(ws + w.counts);
     auto* start = reinterpret_cast<std::int64_t*>(ws + w.start);
     auto* tile_start = reinterpret_cast<std::int64_t*>(ws + w.tile_start);
+    auto* tile_list = reinterpret_cast<std::int32_t*>(ws + w.tile_list);
     auto* rows = reinterpret_cast<std::int32_t*>(ws + w.rows);
-    const unsigned entry_grid = grid((row_heads + 255) / 256);
-    // At most one partly filled tile per non-empty list.
-    const unsigned tile_grid = grid((row_heads + c::tile_rows - 1) / c::tile_rows + std::min(keys, row_heads));
+    const unsigned entry_grid = grid((row_heads + 255) / 256), tile_grid = grid(w.history_tiles);
     for (std::int64_t slot = 0; slot < w.passes; ++slot) {
       MOBA_CUDA_CHECK(cudaMemsetAsync(counts, 0, keys * 4, stream_));
       c::count_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, counts);
       c::check_launch("count_slot_kernel");
-      c::scan_slot_kernel<<<1, c::scan_threads, 0, stream_>>>(counts, keys, start, tile_start);
+      c::scan_slot_kernel<<<1, c::scan_threads, 0, stream_>>>(counts, keys, start, tile_start, tile_list);
       c::check_launch("scan_slot_kernel");
       c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, start, counts, rows);
       c::check_launch("scatter_slot_kernel");
       const c::epilogue ep{reinterpret_cast<float*>(ws + w.lse2), slot > 0, false};
       c::history_kernel<Dtype, D><<<tile_grid, c::attention_threads, c::attention_smem<Dtype, D>::launch_bytes, stream_>>>(
-          p, table, c::slot_lists{start, tile_start, rows, w.total_blocks}, ep, scale_log2);
+          p, table, c::slot_lists{start, tile_start, tile_list, rows, w.total_blocks}, ep, scale_log2);
       c::check_launch("history_kernel");
     }
   }

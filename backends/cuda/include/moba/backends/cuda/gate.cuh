@@ -139,14 +139,14 @@ __device__ __forceinline__ void sift_down(std::uint64_t* heap, int size, int n, 
   heap[n * tile_rows] = key;
 }
 
-/// Shared memory of the gate: the query tile's pieces, one stage of kbar pieces for gate_tile_blocks
+/// Shared memory of the gate: the query tile's pieces, two stages of kbar pieces for gate_tile_blocks
 /// blocks (both stored like the attention tiles, swizzled_offset), two buffers of scores (a padded
 /// row per query) and, past the struct, each row's best (K−1) keys.
 template <class T, int D>
 struct gate_smem {
   static constexpr int score_pitch = gate_tile_blocks + 4;  // 16-byte rows, a warp's 16-byte reads conflict-free
   alignas(1024) bfloat16 q[q_pieces<T>][tile_rows * D];
-  alignas(1024) bfloat16 kbar[kbar_pieces][gate_tile_blocks * D];
+  alignas(1024) bfloat16 kbar[2][kbar_pieces][gate_tile_blocks * D];
   alignas(16) float score[2][tile_rows * score_pitch];
 
   __device__ float* score_row(int buf, int r) { return score[buf] + r * score_pitch; }
@@ -159,11 +159,6 @@ struct gate_smem {
 /// Warp roles of the gate: warps 0–3 rank (a thread per query row), warps 4–7 score (32 rows per
 /// warp) and copy kbar, so that the ranking of one tile of blocks overlaps the products of the next.
 inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads - tile_rows;
-/// Named barriers of the kbar stage: its copy landed, and every scorer is done reading it. Both span
-/// the CTA, the rankers only arriving (a barrier of the scorers alone drew racecheck hazard reports);
-/// 0 is __syncthreads, which hands a tile of scores to the rankers.
-inline constexpr int kbar_landed_barrier = 1, kbar_read_barrier = 2;
-
 /// Fused gate: grid (query tiles of tile_rows, Hq), attention_threads threads, gate_smem. Scores
 /// q · kbar come from bf16 tensor-core products of the pieces (split_bf16) with fp32 accumulation:
 /// fp32 scores, never written to global memory. Per tile of blocks, the scorer warps write the
@@ -185,15 +180,15 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
   const std::int64_t c_last = core::current_block(e.seq.pos(i0 + rows - 1), p.block_size);
   const int tiles = static_cast<int>((c_last + gate_tile_blocks - 1) / gate_tile_blocks);
   const bool scorer = threadIdx.x >= gate_rankers;
-  auto load_kbar = [&](std::int64_t j0) {  // by the scorers; blocks at or past c_last read as zeros
+  auto load_kbar = [&](int stage, std::int64_t j0) {  // by the scorers; blocks at or past c_last read as zeros
     const std::int64_t stride = p.kv_heads * kbar_pieces * D;
     const bfloat16* first = kbar + (e.block_offset + j0) * stride + kvh * kbar_pieces * D;
     const int valid = static_cast<int>(c_last - j0 < gate_tile_blocks ? c_last - j0 : gate_tile_blocks);
     for (int n = 0; n < kbar_pieces; ++n)
-      load_tile_async<bfloat16, D, gate_tile_blocks, gate_scorers>(sm.kbar[n], first + n * D, stride, valid);
+      load_tile_async<bfloat16, D, gate_tile_blocks, gate_scorers>(sm.kbar[stage][n], first + n * D, stride, valid);
     cp_async_commit();
   };
-  if (scorer && tiles > 0) load_kbar(0);
+  if (scorer && tiles > 0) load_kbar(0, 0);
 
   constexpr int w = load_width<T>;
 #pragma unroll
@@ -216,7 +211,8 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
       else *reinterpret_cast<bfloat16*>(at) = piece[n][0];
     }
   }
-  __syncthreads();  // the query pieces are in place
+  cp_async_wait<0>();
+  __syncthreads();  // the query pieces and the first kbar stage are in place
 
   // The ranker's row and its best keys so far: appended until there are `want`, then a min-heap
   // whose root is the bar.
@@ -230,8 +226,6 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
   const int row0 = (warp - gate_rankers / 32) * 32;  // a scorer warp's 32 rows, as two 16-row mma tiles
   auto score_tile = [&](int tile) {
     const int buf = tile % 2;
-    cp_async_wait<0>();
-    named_barrier_sync<kbar_landed_barrier>(attention_threads);  // every scorer's copy landed
     float score[2][gate_tile_blocks / 2] = {};
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
@@ -247,7 +241,7 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
 #pragma unroll
         for (int kn = 0; kn < kbar_pieces; ++kn) {
           std::uint32_t b[4];
-          ldmatrix_x4<false>(b, reinterpret_cast<const unsigned char*>(sm.kbar[kn]) +
+          ldmatrix_x4<false>(b, reinterpret_cast<const unsigned char*>(sm.kbar[buf][kn]) +
                                     swizzled_offset<gate_tile_blocks>((nt + mi / 2) * 8 + mr, ks * 16 + (mi % 2) * 8));
 #pragma unroll
           for (int qn = 0; qn < qp && qn + kn <= 2; ++qn)
@@ -258,8 +252,6 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
             }
         }
     }
-    named_barrier_sync<kbar_read_barrier>(attention_threads);  // every scorer is done with the stage
-    if (tile + 1 < tiles) load_kbar((tile + 1) * static_cast<std::int64_t>(gate_tile_blocks));
 #pragma unroll
     for (int m = 0; m < 2; ++m)
 #pragma unroll
@@ -276,7 +268,8 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
       const float* mine = sm.score_row(buf, row);
       // SPEC §Blocks 4: only blocks wholly in the past are eligible.
       const std::int64_t eligible = c - j0;
-      std::uint32_t maybe = eligible >= gate_tile_blocks ? ~0u : eligible > 0 ? (1u << eligible) - 1 : 0u;
+      constexpr std::uint32_t all = ~0u >> (32 - gate_tile_blocks);
+      std::uint32_t maybe = eligible >= gate_tile_blocks ? all : eligible > 0 ? (1u << eligible) - 1 : 0u;
       if (size == want) {
         // Mark the blocks whose score reaches the bar's (all lanes in step), then rank only those,
         // so a warp's 32 rows diverge over a few candidates, not over every block. A NaN never
@@ -308,17 +301,14 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
       }
     }
   };
-  // Step s: the scorers compute tile s into buffer s % 2 while the rankers rank tile s − 1 from the
-  // other; __syncthreads hands the tile over and frees the buffer. The kbar barriers count all
-  // attention_threads exactly in the steps that score a tile (step < tiles, the same for the CTA).
+  // Step s: the scorers copy tile s + 1 into the other kbar stage and compute tile s into score
+  // buffer s % 2 while the rankers rank tile s − 1 from the other; __syncthreads alone hands the
+  // scores and the landed stage over and frees what the next step overwrites.
   for (int step = 0; step <= tiles; ++step) {
-    if (step < tiles) {
-      if (scorer) {
-        score_tile(step);
-      } else {
-        named_barrier_arrive<kbar_landed_barrier>(attention_threads);
-        named_barrier_arrive<kbar_read_barrier>(attention_threads);
-      }
+    if (scorer && step < tiles) {
+      if (step + 1 < tiles) load_kbar((step + 1) % 2, (step + 1) * static_cast<std::int64_t>(gate_tile_blocks));
+      score_tile(step);
+      cp_async_wait<0>();
     }
     if (!scorer && step > 0) rank_tile(step - 1);
     __syncthreads();

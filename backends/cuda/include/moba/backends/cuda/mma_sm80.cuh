@@ -35,15 +35,11 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const std::uint32_t (&a
 #endif
 }
 
-/// Named barrier `Id` over `count` threads: sync waits for all of them, arrive only counts this
-/// thread. A constant id lets ptxas reserve only the barriers a kernel names.
+/// Named barrier `Id` over `count` threads (bar.sync). A constant id lets ptxas reserve only the
+/// barriers a kernel names.
 template <int Id>
 __device__ __forceinline__ void named_barrier_sync(int count) {
   asm volatile("bar.sync %0, %1;\n" ::"n"(Id), "r"(count) : "memory");
-}
-template <int Id>
-__device__ __forceinline__ void named_barrier_arrive(int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"n"(Id), "r"(count) : "memory");
 }
 
 }  // namespace moba::backends::cuda

@@ -40,19 +40,22 @@ __global__ void count_slot_kernel(core::fwd_params<T> p, const sequence_desc* ta
 }
 
 /// One CTA of scan_threads: start = exclusive prefix sum of counts[0, n), tile_start = the same of
-/// their tile_rows tile counts; both get the total at index n.
+/// their tile_rows tile counts; both get the total at index n. tile_list[t] = the x whose tiles
+/// include t, so that an attention CTA finds its list in one load.
 inline constexpr int scan_threads = 1024;
 template <class Count>  // a template so that every translation unit may define it (header-only)
 __global__ void __launch_bounds__(scan_threads) scan_slot_kernel(const Count* counts, std::int64_t n,
-                                                                 std::int64_t* start, std::int64_t* tile_start) {
+                                                                 std::int64_t* start, std::int64_t* tile_start,
+                                                                 std::int32_t* tile_list) {
   __shared__ std::int64_t rows_part[scan_threads], tiles_part[scan_threads];
   const int tid = threadIdx.x;
   const std::int64_t chunk = (n + scan_threads - 1) / scan_threads;
   const std::int64_t b = tid * chunk, e = b + chunk < n ? b + chunk : n;
+  auto tiles_of = [&](std::int64_t x) -> std::int64_t { return (counts[x] + tile_rows - 1) / tile_rows; };
   std::int64_t rows = 0, tiles = 0;
   for (std::int64_t x = b; x < e; ++x) {
     rows += counts[x];
-    tiles += (counts[x] + tile_rows - 1) / tile_rows;
+    tiles += tiles_of(x);
   }
   rows_part[tid] = rows;
   tiles_part[tid] = tiles;
@@ -69,7 +72,7 @@ __global__ void __launch_bounds__(scan_threads) scan_slot_kernel(const Count* co
     start[x] = rows;
     tile_start[x] = tiles;
     rows += counts[x];
-    tiles += (counts[x] + tile_rows - 1) / tile_rows;
+    for (const std::int64_t end = tiles + tiles_of(x); tiles < end; ++tiles) tile_list[tiles] = static_cast<std::int32_t>(x);
   }
   if (tid == scan_threads - 1) {
     start[n] = rows_part[tid];
