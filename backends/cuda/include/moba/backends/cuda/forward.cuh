@@ -68,10 +68,10 @@ workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* 
       w.passes = most_history;
       w.history_tiles = (row_heads + tile_rows - 1) / tile_rows + std::min(keys, row_heads);
       take(w.lse2, row_heads * 4);
-      take(w.counts, keys * 4);
-      take(w.start, (keys + 1) * 8);
-      take(w.tile_start, (keys + 1) * 8);
-      take(w.tile_list, w.history_tiles * 4);
+      take(w.counts, w.passes * keys * 4);
+      take(w.start, w.passes * (keys + 1) * 8);
+      take(w.tile_start, w.passes * (keys + 1) * 8);
+      take(w.tile_list, w.passes * w.history_tiles * 4);
       take(w.rows, row_heads * 4);
     }
   }
@@ -237,8 +237,8 @@ struct backend_impl<cuda, Dtype> {
   }
 
  private:
-  /// Slot by slot: list the rows per (kv head, block), then attend each list to its block, merging
-  /// into out and the log2-sum-exp buffer (slot 0 writes them first).
+  /// Count and scan every slot's rows per (kv head, block); then slot by slot, list the rows and
+  /// attend each list to its block, merging into out and the log2-sum-exp buffer (slot 0 writes them first).
   template <int D>
   void history_passes(const core::fwd_params<Dtype>& p, const backends::cuda::workspace_layout& w,
                       const backends::cuda::sequence_desc* table, const std::int32_t* sel, unsigned char* ws,
@@ -251,17 +251,21 @@ struct backend_impl<cuda, Dtype> {
     auto* tile_list = reinterpret_cast<std::int32_t*>(ws + w.tile_list);
     auto* rows = reinterpret_cast<std::int32_t*>(ws + w.rows);
     const unsigned entry_grid = grid((row_heads + 255) / 256), tile_grid = grid(w.history_tiles);
+    MOBA_CUDA_CHECK(cudaMemsetAsync(counts, 0, w.passes * keys * 4, stream_));
+    c::count_slots_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, w.passes, w.total_blocks, counts);
+    c::check_launch("count_slots_kernel");
+    c::scan_slots_kernel<<<grid(w.passes), c::scan_threads, 0, stream_>>>(counts, keys, start, tile_start, tile_list,
+                                                                           w.history_tiles);
+    c::check_launch("scan_slots_kernel");
     for (std::int64_t slot = 0; slot < w.passes; ++slot) {
-      MOBA_CUDA_CHECK(cudaMemsetAsync(counts, 0, keys * 4, stream_));
-      c::count_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, counts);
-      c::check_launch("count_slot_kernel");
-      c::scan_slot_kernel<<<1, c::scan_threads, 0, stream_>>>(counts, keys, start, tile_start, tile_list);
-      c::check_launch("scan_slot_kernel");
-      c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, start, counts, rows);
+      const c::slot_lists lists{start + slot * (keys + 1), tile_start + slot * (keys + 1),
+                                tile_list + slot * w.history_tiles, rows, w.total_blocks};
+      c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, lists.start,
+                                                                     counts + slot * keys, rows);
       c::check_launch("scatter_slot_kernel");
       const c::epilogue ep{reinterpret_cast<float*>(ws + w.lse2), slot > 0, false};
       c::history_kernel<Dtype, D><<<tile_grid, c::attention_threads, c::attention_smem<Dtype, D>::launch_bytes, stream_>>>(
-          p, table, c::slot_lists{start, tile_start, tile_list, rows, w.total_blocks}, ep, scale_log2);
+          p, table, lists, ep, scale_log2);
       c::check_launch("history_kernel");
     }
   }
