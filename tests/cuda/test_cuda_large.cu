@@ -3,6 +3,9 @@
 /// tiles, many gate tiles), head dims 64 and 128, and the stream / workspace options.
 #include <doctest/doctest.h>
 
+#include <cstring>
+#include <vector>
+
 #include "conformance/forward.hpp"
 #include "cuda/device_runner.hpp"
 
@@ -61,4 +64,27 @@ TEST_CASE("moba::cuda: a caller workspace and a stream give the same result; a s
   CHECK(moba::test::rel_error(out, want.out) == 0.0);  // same kernels, same inputs: bitwise equal
   MOBA_CUDA_CHECK(cudaFree(ws));
   MOBA_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+TEST_CASE("moba::cuda: a misaligned out throws before anything is written") {
+  using T = moba::bfloat16;
+  const auto t = moba::test::random_tensors<T>({{300}, {300}, 2, 1, 64}, moba::test::fresh_seed());
+  moba::config cfg;
+  cfg.block_size = 32;
+  cfg.top_k = 3;
+  moba::attention<moba::cuda, T> attn(cfg);
+  moba::test::device_copy q(t.q_view()), k(t.k_view()), v(t.v_view());
+  // out one element past a 16-byte boundary: its rows cannot be stored in 16-byte chunks.
+  const std::vector<T> poison(t.q.size() + 8, moba::test::poison_value<T>());
+  T* raw = nullptr;
+  MOBA_CUDA_CHECK(cudaMalloc(&raw, poison.size() * sizeof(T)));
+  MOBA_CUDA_CHECK(cudaMemcpy(raw, poison.data(), poison.size() * sizeof(T), cudaMemcpyHostToDevice));
+  const moba::forward_args<T> args{.q = q.view(), .k = k.view(), .v = v.view(), .out = moba::packed(raw + 1, 300, 2, 64),
+                                   .cu_seqlens_q = t.cu_q, .cu_seqlens_k = t.cu_k};
+  CHECK_THROWS_WITH_AS(attn.forward(args), doctest::Contains("out 16-byte aligned"), std::invalid_argument);
+  MOBA_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<T> after(poison.size());
+  MOBA_CUDA_CHECK(cudaMemcpy(after.data(), raw, after.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  CHECK(std::memcmp(after.data(), poison.data(), after.size() * sizeof(T)) == 0);
+  MOBA_CUDA_CHECK(cudaFree(raw));
 }

@@ -183,7 +183,7 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const kv_rows<T>& src, std
     cp_async_wait<0>();
     fence_async_shared();
     __syncthreads();  // tile k0 is visible, and every warp is done with the previous tile's stage ...
-    if (k0 + tile_keys < k_end) load_kv_async(sm, src, buf ^ 1, k0 + tile_keys, k_end);  // ... which the next tile refills now
+    if (k0 + tile_keys < k_end) load_kv_async(sm, src, buf ^ 1, k0 + tile_keys, k_end);  // ... the next tile refills
     const bool active = k0 < span_hi && k0 + tile_keys > span_lo;  // uniform over the group
 #if defined(MOBA_CUDA_WGMMA)
     // Stagger the two warpgroups by one product: the second computes its scores while the first
@@ -288,7 +288,8 @@ __device__ void finish_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
                             const row_state<D>& st, const epilogue& ep, Merges merges) {
   constexpr int pitch = D + 8;  // floats: a half-warp's float2 stores of 4 rows hit distinct banks
   using smem = attention_smem<T, D>;
-  static_assert(sizeof(sm.k) + sizeof(sm.v) >= tile_rows * pitch * sizeof(float) && offsetof(smem, v) == offsetof(smem, k) + sizeof(sm.k));
+  static_assert(sizeof(sm.k) + sizeof(sm.v) >= tile_rows * pitch * sizeof(float) &&
+                offsetof(smem, v) == offsetof(smem, k) + sizeof(sm.k));
   float* staged = reinterpret_cast<float*>(sm.k);
   const int t = threadIdx.x % 4, r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
   const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start, row_offset = e.row_offset;  // once: e is global
