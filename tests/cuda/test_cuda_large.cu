@@ -3,6 +3,7 @@
 /// tiles, many gate tiles), head dims 64 and 128, and the stream / workspace options.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -87,4 +88,34 @@ TEST_CASE("moba::cuda: a misaligned out throws before anything is written") {
   MOBA_CUDA_CHECK(cudaMemcpy(after.data(), raw, after.size() * sizeof(T), cudaMemcpyDeviceToHost));
   CHECK(std::memcmp(after.data(), poison.data(), after.size() * sizeof(T)) == 0);
   MOBA_CUDA_CHECK(cudaFree(raw));
+}
+
+TEST_CASE("moba::cuda: with 3 CTAs, each running many work items in turn, the bits are those of one CTA per SM") {
+  using T = moba::bfloat16;
+  for (const std::int64_t d : {64, 128}) {
+    // Two sequences, GQA 4:2, several history passes: dozens of work items per launch.
+    const auto t = moba::test::random_tensors<T>({{600, 300}, {600, 400}, 4, 2, d}, moba::test::fresh_seed());
+    for (const moba::mode m : {moba::mode::sparse, moba::mode::full}) {
+      CAPTURE(d);
+      moba::config cfg;
+      cfg.block_size = 64;
+      cfg.top_k = 4;
+      cfg.mode = m;
+      const auto want = moba::test::run<moba::cuda, T>(t, cfg);
+      moba::test::outputs<T> got = want;
+      std::fill(got.out.begin(), got.out.end(), moba::test::poison_value<T>());
+      std::fill(got.lse.begin(), got.lse.end(), moba::test::poison_value<float>());
+      moba::attention<moba::cuda, T> attn(cfg);
+      attn.backend().set_max_ctas(3);
+      moba::test::runner<moba::cuda, T>::forward(
+          attn, {.q = t.q_view(), .k = t.k_view(), .v = t.v_view(),
+                 .out = moba::packed(got.out.data(), t.total_q(), t.s.hq, d),
+                 .lse = moba::bsh(got.lse.data(), 1, t.total_q(), t.s.hq),
+                 .cu_seqlens_q = t.cu_q, .cu_seqlens_k = t.cu_k});
+      CHECK(moba::test::rel_error(got.out, want.out) == 0.0);
+      CHECK(moba::test::rel_error(got.lse, want.lse) == 0.0);
+    }
+  }
+  moba::attention<moba::cuda, T> attn(moba::config{});
+  CHECK_THROWS_AS(attn.backend().set_max_ctas(-1), std::invalid_argument);
 }

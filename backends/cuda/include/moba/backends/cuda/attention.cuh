@@ -2,9 +2,9 @@
 /// @file Attention kernels. One tile loop over 128 query rows × 128-key tiles with two mainloops:
 /// wgmma (sm_90a: a warpgroup per 64 rows) and mma.sync (sm_80+: a warp per 16 rows), chosen at
 /// compile time per architecture over one shared-memory layout and one register layout.
-/// causal_kernel runs query tiles (mode full, and the current block of mode sparse); history_kernel
-/// runs the gathered rows that chose one key block in one selection slot. Passes merge into `out`
-/// through a log-sum-exp buffer. A CUDA-core kernel serves float.
+/// attention_kernel is persistent over work items: query tiles (causal_items: mode full, and the
+/// current block of mode sparse) or the gathered rows that chose one key block in one selection slot
+/// (history_items). Passes merge into `out` through a log-sum-exp buffer. A CUDA-core kernel serves float.
 #pragma once
 
 #include <cmath>
@@ -14,6 +14,7 @@
 #include <moba/backends/cuda/element.cuh>
 #include <moba/backends/cuda/mma_sm80.cuh>
 #include <moba/backends/cuda/sequences.hpp>
+#include <moba/backends/cuda/slots.cuh>
 #include <moba/backends/cuda/tile_size.hpp>
 #include <moba/backends/cuda/wgmma_sm90.cuh>
 #include <moba/core/blocks.hpp>
@@ -22,18 +23,50 @@
 
 namespace moba::backends::cuda {
 
+/// The rows of one work item: up to tile_rows (query, head) pairs, row r attending keys [lo, hi).
+struct row_meta {
+  std::int64_t lo[tile_rows], hi[tile_rows];
+  std::int32_t query[tile_rows];  // query index inside the sequence, -1 for an unused row
+  std::int32_t head[tile_rows];   // its query head
+  std::uint8_t merge[tile_rows];  // out and lse2 hold an earlier pass's result for the row
+  float old_lse2[tile_rows];      // that result's log2-sum-exp (merging rows; copied ahead)
+  std::int64_t warp_lo[attention_threads / 32], warp_hi[attention_threads / 32];  // per-warp key span
+};
+
+template <class T>
+struct kv_rows {
+  const T *k, *v;
+  std::int64_t k_stride, v_stride;
+};
+
+/// One work item of an attention kernel: rows of one sequence (their row_meta) against its keys
+/// [k_begin, k_end) of one kv head. `first` and `rows` place the rows in the item source's terms.
+/// Kept in shared memory, with a copy of the sequence's entry: the epilogue reads it at once.
+template <class T>
+struct work_item {
+  sequence_desc e;
+  kv_rows<T> src;
+  std::int64_t k_begin, k_end;
+  std::int64_t first, rows;
+};
+
+/// Row pitch (elements) of the epilogue's rows in shared memory: 16-byte aligned rows whose 4-byte
+/// pairs (row g of 8, column 2t) hit distinct banks.
+template <int D>
+inline constexpr int old_pitch = D + 8;
+
 /// Shared memory of one attention CTA: the query tile and kv_stages stages of key and value tiles,
-/// each stored 128B-swizzled ([D / 64][rows][64], swizzled_offset), plus the rows' metadata.
+/// each stored 128B-swizzled ([D / 64][rows][64], swizzled_offset); the merging rows' earlier output
+/// ([row][D], copied while the tiles run); and the rows and item of the current and the next work item.
 template <class T, int D>
 struct attention_smem {
   alignas(1024) T q[tile_rows * D];
   alignas(1024) T k[kv_stages][tile_keys * D];
   alignas(1024) T v[kv_stages][tile_keys * D];
-  std::int64_t lo[tile_rows], hi[tile_rows];  // keys [lo, hi) the row attends
-  std::int32_t query[tile_rows];              // query index inside the sequence, -1 for an unused row
-  std::int32_t head[tile_rows];               // its query head
-  float old_weight[tile_rows];                // finish_tile: weight of out's earlier partial result, -1 for none
-  std::int64_t warp_lo[attention_threads / 32], warp_hi[attention_threads / 32];  // per-warp key span
+  alignas(16) T old_out[tile_rows * old_pitch<D>];
+  row_meta meta[2];
+  work_item<T> item[2];
+  std::int64_t claimed[2];      // the work item after item[slot]'s successor (attention_kernel)
   /// Bytes to request: the struct plus slack to align the dynamic shared-memory base to 1024.
   static constexpr int launch_bytes = sizeof(attention_smem) + 1024;
   __device__ static attention_smem& at(unsigned char* raw) {
@@ -41,6 +74,7 @@ struct attention_smem {
     return *reinterpret_cast<attention_smem*>(a);
   }
 };
+
 
 /// Online-softmax state of the two rows (r, r + 8) a thread holds: unnormalised output in the mma
 /// accumulator layout (o[4n + e]: column 8n + 2t + e % 2 of row e / 2), running max in log2 units
@@ -121,16 +155,11 @@ __device__ __forceinline__ void tile_values(const attention_smem<T, D>& sm, int 
 #endif
 }
 
-/// Where kv head kvh's keys and values of a sequence start (computed once: the sequence table
-/// lives in global memory).
+/// Where kv head kvh's keys and values of a sequence start.
 template <class T>
-struct kv_rows {
-  const T *k, *v;
-  std::int64_t k_stride, v_stride;
-  __device__ kv_rows(const core::fwd_params<T>& p, const sequence_info& seq, std::int64_t kvh)
-      : k(row_ptr(p.k, seq.batch, seq.k_start, kvh)), v(row_ptr(p.v, seq.batch, seq.k_start, kvh)),
-        k_stride(p.k.stride[1]), v_stride(p.v.stride[1]) {}
-};
+__device__ __forceinline__ kv_rows<T> kv_source(const core::fwd_params<T>& p, const sequence_info& seq, std::int64_t kvh) {
+  return {row_ptr(p.k, seq.batch, seq.k_start, kvh), row_ptr(p.v, seq.batch, seq.k_start, kvh), p.k.stride[1], p.v.stride[1]};
+}
 
 /// Issues the copy of the key and value tile starting at key k0 into stage `buf`, as one cp.async
 /// group; keys at or past k_end read as zeros.
@@ -143,17 +172,18 @@ __device__ __forceinline__ void load_kv_async(attention_smem<T, D>& sm, const kv
   cp_async_commit();
 }
 
-/// Attends the CTA's query tile (sm.q, sm.lo, sm.hi, sm.warp_lo, sm.warp_hi: set, and the copies of
-/// q and of the first key tile into stage 0 issued, by the caller: as early as it knows them, so
-/// that they overlap its own setup) to keys [k_begin, k_end) of `src`, each row to its own [lo, hi)
-/// only, by online softmax (SPEC §Attention). Every thread of the CTA calls it. Key tiles
-/// are double-buffered: the copy of tile n + 1 runs while tile n is computed.
-template <class T, int D>
-__device__ void attend_tile(attention_smem<T, D>& sm, const kv_rows<T>& src, std::int64_t k_begin, std::int64_t k_end,
-                            float scale_log2, row_state<D>& st) {
+/// Attends the CTA's query tile (sm.q with the rows `m`) to keys [k_begin, k_end) of `src` (at least
+/// one), each row to its own [lo, hi) only, by online softmax (SPEC §Attention). Every thread of the
+/// CTA calls it. The caller has issued, as cp.async groups in this order, the first key tile into
+/// stage `buf`, the query tile, and one more group the first tile need not wait for. Key tiles are
+/// double-buffered: the copy of tile n + 1 runs while tile n is computed; during the last tile,
+/// `after_last(free stage)` may issue the next work item's first one. Returns the last tile's stage.
+template <class T, int D, class AfterLast>
+__device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv_rows<T>& src, std::int64_t k_begin,
+                           std::int64_t k_end, float scale_log2, row_state<D>& st, int buf, AfterLast after_last) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   const int r0 = warp * 16 + lane / 4;
-  const std::int64_t lo[2] = {sm.lo[r0], sm.lo[r0 + 8]}, hi[2] = {sm.hi[r0], sm.hi[r0 + 8]};
+  const std::int64_t lo[2] = {m.lo[r0], m.lo[r0 + 8]}, hi[2] = {m.hi[r0], m.hi[r0 + 8]};
   // Keys a tile must cover for this warp to skip the mask: [lo_max, hi_min) of its used rows.
   std::int64_t lo_max = INT64_MIN, hi_min = INT64_MAX;
   for (int ri = 0; ri < 2; ++ri)
@@ -174,16 +204,18 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const kv_rows<T>& src, std
 #endif
   std::int64_t span_lo = INT64_MAX, span_hi = INT64_MIN;
   for (int w = warp / group_warps * group_warps; w < (warp / group_warps + 1) * group_warps; ++w) {
-    span_lo = sm.warp_lo[w] < span_lo ? sm.warp_lo[w] : span_lo;
-    span_hi = sm.warp_hi[w] > span_hi ? sm.warp_hi[w] : span_hi;
+    span_lo = m.warp_lo[w] < span_lo ? m.warp_lo[w] : span_lo;
+    span_hi = m.warp_hi[w] > span_hi ? m.warp_hi[w] : span_hi;
   }
 
-  int buf = 0;
-  for (std::int64_t k0 = k_begin; k0 < k_end; k0 += tile_keys, buf ^= 1) {
-    cp_async_wait<0>();
+  for (std::int64_t k0 = k_begin;; k0 += tile_keys, buf ^= 1) {
+    if (k0 == k_begin) cp_async_wait<1>();
+    else cp_async_wait<0>();
     fence_async_shared();
     __syncthreads();  // tile k0 is visible, and every warp is done with the previous tile's stage ...
-    if (k0 + tile_keys < k_end) load_kv_async(sm, src, buf ^ 1, k0 + tile_keys, k_end);  // ... the next tile refills
+    const bool last = k0 + tile_keys >= k_end;
+    if (!last) load_kv_async(sm, src, buf ^ 1, k0 + tile_keys, k_end);  // ... the next tile refills
+    else after_last(buf ^ 1);
     const bool active = k0 < span_hi && k0 + tile_keys > span_lo;  // uniform over the group
 #if defined(MOBA_CUDA_WGMMA)
     // Stagger the two warpgroups by one product: the second computes its scores while the first
@@ -246,102 +278,119 @@ __device__ void attend_tile(attention_smem<T, D>& sm, const kv_rows<T>& src, std
       for (int e = 0; e < D / 2; ++e) st.o[e] *= alpha[(e / 2) % 2];
       tile_values(sm, buf, pa, st.o);
     }
+    if (last) break;
   }
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {  // the row's sum over the 4 threads that share it
     st.l[ri] += __shfl_xor_sync(0xffffffffu, st.l[ri], 1);
     st.l[ri] += __shfl_xor_sync(0xffffffffu, st.l[ri], 2);
   }
-}
-
-/// Fills sm.warp_lo / sm.warp_hi from sm.lo / sm.hi (used rows only) and waits for every thread.
-template <class T, int D>
-__device__ void tile_spans(attention_smem<T, D>& sm) {
-  __syncthreads();
-  if (threadIdx.x < tile_rows / 16) {
-    std::int64_t a = INT64_MAX, b = INT64_MIN;
-    for (int r = threadIdx.x * 16; r < threadIdx.x * 16 + 16; ++r)
-      if (sm.lo[r] < sm.hi[r]) {
-        a = sm.lo[r] < a ? sm.lo[r] : a;
-        b = sm.hi[r] > b ? sm.hi[r] : b;
-      }
-    sm.warp_lo[threadIdx.x] = a;
-    sm.warp_hi[threadIdx.x] = b;
-  }
-  __syncthreads();
+  return buf;
 }
 
 /// How a tile's result meets what earlier passes left in `out` and the log2-sum-exp buffer.
 struct epilogue {
-  float* lse2;        // [rows, Hq] log2-sum-exp of what `out` holds so far (row = row_offset + i)
-  bool merge;         // combine with out / lse2 (rows that have earlier passes)
-  bool final_pass;    // write the caller's lse (natural log) instead of lse2
+  float* lse2;      // [rows, Hq] log2-sum-exp of what `out` holds so far (row = row_offset + i)
+  bool merge;       // combine with out / lse2 (rows that have earlier passes)
+  bool final_pass;  // write the caller's lse (natural log) instead of lse2
 };
 
-/// Writes the tile's rows (sm.query[r] >= 0, query head sm.head[r]) into out: alone, or merged with
-/// the normalised partial result an earlier pass left (out_old · 2^(L_old − L) + o · 2^(m − L), L the
-/// combined log2-sum-exp) where merges(query) says so. The rows go through shared memory (the key and
-/// value stages, free once every warp is done with them) so that out is read and written in whole
-/// 16-byte chunks, every old chunk of a thread loaded before any store.
-template <class T, int D, class Merges>
-__device__ void finish_tile(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_desc& e,
-                            const row_state<D>& st, const epilogue& ep, Merges merges) {
-  constexpr int pitch = D + 8;  // floats: a half-warp's float2 stores of 4 rows hit distinct banks
-  using smem = attention_smem<T, D>;
-  static_assert(sizeof(sm.k) + sizeof(sm.v) >= tile_rows * pitch * sizeof(float) &&
-                offsetof(smem, v) == offsetof(smem, k) + sizeof(sm.k));
-  float* staged = reinterpret_cast<float*>(sm.k);
+/// Issues the copy of the rows' queries into sm.q as one cp.async group.
+template <class T, int D>
+__device__ void load_query_rows(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const row_meta& m,
+                                const sequence_desc& e) {
+  const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start;
+  load_rows_async<T, D, tile_rows>(sm.q, [&](int r) -> const T* {
+    return m.query[r] >= 0 ? row_ptr(p.q, batch, q_start + m.query[r], m.head[r]) : nullptr;
+  });
+  cp_async_commit();
+}
+
+/// Issues the copy of the merging rows' earlier output (into sm.old_out) and log2-sum-exp (into
+/// m.old_lse2) as one cp.async group, empty when no row merges.
+template <class T, int D>
+__device__ void load_old_rows(attention_smem<T, D>& sm, const core::fwd_params<T>& p, row_meta& m, const sequence_desc& e,
+                              const epilogue& ep) {
+  constexpr int chunks = D / 8;
+  const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start, row_offset = e.row_offset;
+  for (int x = threadIdx.x; x < tile_rows * chunks; x += attention_threads) {
+    const int r = x / chunks;
+    if (m.query[r] >= 0 && m.merge[r])
+      cp_async_16(sm.old_out + r * old_pitch<D> + x % chunks * 8,
+                  row_ptr(p.out, batch, q_start + m.query[r], m.head[r]) + x % chunks * 8, true);
+  }
+  const int r = threadIdx.x;
+  if (r < tile_rows && m.query[r] >= 0 && m.merge[r])
+    cp_async_4(&m.old_lse2[r], ep.lse2 + (row_offset + m.query[r]) * p.q_heads + m.head[r]);
+  cp_async_commit();
+}
+
+/// Writes the tile's rows (m.query[r] >= 0) into out: alone, or where m.merge[r] says so merged
+/// with the normalised partial result an earlier pass left (out_old · 2^(L_old − L) + o · 2^(m − L),
+/// L the combined log2-sum-exp; load_old_rows copied out_old into sm.old_out and L_old). Each
+/// thread merges its fragments in fp32 and rounds them once into sm.old_out; whole rows then go to
+/// out as bulk copies (sm_90+: the CTA goes on while they drain; attention_kernel waits for them to
+/// have read sm.old_out before it refills it) or in 16-byte chunks. `next_in_flight`: the last
+/// cp.async group (the next item's first key tile) need not be waited for. `q_free()` runs once
+/// every warp is done with the query tile.
+template <class T, int D, class QFree>
+__device__ void finish_tile(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const row_meta& m,
+                            const sequence_desc& e, const row_state<D>& st, const epilogue& ep, bool next_in_flight,
+                            QFree q_free) {
   const int t = threadIdx.x % 4, r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
-  const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start, row_offset = e.row_offset;  // once: e is global
-  fence_async_shared();  // order the stages' last reads (wgmma: the async proxy) before the stores below
-  __syncthreads();       // every warp is done with the key and value stages
+  const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start, row_offset = e.row_offset;
+  if (next_in_flight) cp_async_wait<1>();  // the old rows
+  else cp_async_wait<0>();
+  fence_async_shared();  // order the stages' last reads (wgmma: the async proxy) before later copies into them
+  __syncthreads();       // every warp is done with the query tile; the old rows are visible
+  q_free();
   for (int ri = 0; ri < 2; ++ri) {
     const int r = r0 + 8 * ri;
-    const std::int64_t i = sm.query[r], h = sm.head[r];
+    const std::int64_t i = m.query[r], h = m.head[r];
     if (i < 0) continue;
-    float* lse2 = ep.lse2 ? ep.lse2 + (row_offset + i) * p.q_heads + h : nullptr;
-    float part = st.m[ri] + log2f(st.l[ri]), w_old = -1.f, w_new = 1.f / st.l[ri];
-    if (merges(i)) {
-      const float old = *lse2, top = fmaxf(old, part);
+    float part = st.m[ri] + log2f(st.l[ri]), w_old = 0.f, w_new = 1.f / st.l[ri];
+    const bool merge = m.merge[r];
+    if (merge) {
+      const float old = m.old_lse2[r], top = fmaxf(old, part);
       const float total = top + log2f(exp2f(old - top) + exp2f(part - top));
       w_old = exp2f(old - total);
       w_new = exp2f(st.m[ri] - total);
       part = total;
     }
+    T* row = sm.old_out + r * old_pitch<D>;
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
-      *reinterpret_cast<float2*>(staged + r * pitch + dn * 8 + 2 * t) =
-          make_float2(st.o[4 * dn + 2 * ri] * w_new, st.o[4 * dn + 2 * ri + 1] * w_new);
+    for (int dn = 0; dn < D / 8; ++dn) {
+      auto* pair = reinterpret_cast<std::uint32_t*>(row + dn * 8 + 2 * t);
+      float a = st.o[4 * dn + 2 * ri] * w_new, b = st.o[4 * dn + 2 * ri + 1] * w_new;
+      if (merge) {
+        const std::uint32_t bits = *pair;
+        const T* prev = reinterpret_cast<const T*>(&bits);
+        a += to_float(prev[0]) * w_old;
+        b += to_float(prev[1]) * w_old;
+      }
+      *pair = pack2<T>(a, b);
+    }
     if (t != 0) continue;
-    sm.old_weight[r] = w_old;
-    if (!ep.final_pass) *lse2 = part;
+    if (!ep.final_pass) ep.lse2[(row_offset + i) * p.q_heads + h] = part;
     else if (p.lse.given()) p.lse(batch, q_start + i, h) = part * 0.6931471805599453f;
   }
+  fence_async_shared();  // the rows' writes, before the bulk copies read them
   __syncthreads();
-  constexpr int chunks = D / 8, per_thread = tile_rows * chunks / attention_threads;
-  uint4 old[per_thread];
-#pragma unroll
-  for (int n = 0; n < per_thread; ++n) {
-    const int x = threadIdx.x + n * attention_threads, r = x / chunks;
-    if (sm.query[r] >= 0 && sm.old_weight[r] >= 0.f)
-      old[n] = *reinterpret_cast<const uint4*>(row_ptr(p.out, batch, q_start + sm.query[r], sm.head[r]) + x % chunks * 8);
+#if defined(MOBA_CUDA_BULK_STORE)
+  const int r = threadIdx.x;
+  if (r < tile_rows && m.query[r] >= 0) {
+    bulk_store(row_ptr(p.out, batch, q_start + m.query[r], m.head[r]), sm.old_out + r * old_pitch<D>, D * sizeof(T));
+    bulk_commit();
   }
-#pragma unroll
-  for (int n = 0; n < per_thread; ++n) {
-    const int x = threadIdx.x + n * attention_threads, r = x / chunks, c = x % chunks;
-    if (sm.query[r] < 0) continue;
-    const float4 lo = *reinterpret_cast<const float4*>(staged + r * pitch + c * 8);
-    const float4 hi = *reinterpret_cast<const float4*>(staged + r * pitch + c * 8 + 4);
-    float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-    const float w_old = sm.old_weight[r];
-    if (w_old >= 0.f) {
-      const T* prev = reinterpret_cast<const T*>(&old[n]);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) v[k] += to_float(prev[k]) * w_old;
-    }
-    const uint4 packed{pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7])};
-    *reinterpret_cast<uint4*>(row_ptr(p.out, batch, q_start + sm.query[r], sm.head[r]) + c * 8) = packed;
+#else
+  constexpr int chunks = D / 8;
+  for (int x = threadIdx.x; x < tile_rows * chunks; x += attention_threads) {
+    const int r = x / chunks, c = x % chunks;
+    if (m.query[r] >= 0)
+      *reinterpret_cast<uint4*>(row_ptr(p.out, batch, q_start + m.query[r], m.head[r]) + c * 8) =
+          *reinterpret_cast<const uint4*>(sm.old_out + r * old_pitch<D> + c * 8);
   }
+#endif
 }
 
 /// Zeroes this thread's state.
@@ -353,93 +402,146 @@ __device__ __forceinline__ void init_state(row_state<D>& st) {
   st.l[0] = st.l[1] = 0.f;
 }
 
-/// Query tiles: grid (total query tiles, Hq). Row i attends keys [lo, pos(i)] with lo = 0 (mode full)
-/// or the start of its current block (mode sparse; the last pass, merging the history passes).
-template <class T, int D>
-__global__ void __launch_bounds__(attention_threads, 1)
-    causal_kernel(core::fwd_params<T> p, const sequence_desc* table, epilogue ep, float scale_log2) {
-  extern __shared__ unsigned char smem_raw[];
-  auto& sm = attention_smem<T, D>::at(smem_raw);
-  const std::int64_t h = blockIdx.y, kvh = p.kv_head(h);
-  const std::int64_t s = find_sequence(table, p.seqs.count, blockIdx.x, [](const sequence_desc& e) { return e.tile_offset; });
-  const sequence_desc& e = table[s];
-  const std::int64_t i0 = (blockIdx.x - e.tile_offset) * tile_rows;
-  const std::int64_t rows = e.seq.q_len - i0 < tile_rows ? e.seq.q_len - i0 : tile_rows;
-  // Keys [k_begin, k_end) cover every row's: the rows' positions ascend.
-  const std::int64_t k_begin = p.full ? 0 : core::block_begin(core::current_block(e.seq.pos(i0), p.block_size), p.block_size);
-  const std::int64_t k_end = e.seq.pos(i0 + rows - 1) + 1;
-  const kv_rows<T> src(p, e.seq, kvh);
-  load_kv_async(sm, src, 0, k_begin, k_end);
-  if (threadIdx.x < tile_rows) {
-    const int r = threadIdx.x;
-    const std::int64_t pos = r < rows ? e.seq.pos(i0 + r) : 0;
-    sm.query[r] = r < rows ? static_cast<std::int32_t>(i0 + r) : -1;
-    sm.head[r] = static_cast<std::int32_t>(h);
-    sm.lo[r] = r >= rows ? 0 : p.full ? 0 : core::block_begin(core::current_block(pos, p.block_size), p.block_size);
-    sm.hi[r] = r < rows ? pos + 1 : 0;
+/// Work items of query tiles (mode full, and the current block of mode sparse: the last pass,
+/// merging the history passes): item n is tile `tiles - 1 - n % tiles` (late tiles first: in mode
+/// full the longest) of query head n / tiles. Row i attends keys [lo, pos(i)] with lo = 0 (mode
+/// full) or the start of its current block.
+struct causal_items {
+  std::int64_t tiles;  // query tiles of the call
+  template <class T>
+  __device__ std::int64_t count(const core::fwd_params<T>& p) const { return tiles * p.q_heads; }
+  template <class T>
+  __device__ work_item<T> item(const core::fwd_params<T>& p, const sequence_desc* table, std::int64_t n) const {
+    const std::int64_t h = n / tiles, tile = tiles - 1 - n % tiles;
+    const sequence_desc e = table[find_sequence(table, p.seqs.count, tile, [](const sequence_desc& d) { return d.tile_offset; })];
+    const std::int64_t i0 = (tile - e.tile_offset) * tile_rows;
+    const std::int64_t rows = e.seq.q_len - i0 < tile_rows ? e.seq.q_len - i0 : tile_rows;
+    // Keys [k_begin, k_end) cover every row's: the rows' positions ascend.
+    const std::int64_t k_begin = p.full ? 0 : core::block_begin(core::current_block(e.seq.pos(i0), p.block_size), p.block_size);
+    return {e, kv_source(p, e.seq, p.kv_head(h)), k_begin, e.seq.pos(i0 + rows - 1) + 1, i0, rows};
   }
-  load_rows_async<T, D, tile_rows>(sm.q, [&](int r) -> const T* {
-    return r < rows ? row_ptr(p.q, e.seq.batch, e.seq.q_start + i0 + r, h) : nullptr;
-  });
-  cp_async_commit();
-  tile_spans(sm);
-  row_state<D> st;
-  init_state(st);
-  attend_tile(sm, src, k_begin, k_end, scale_log2, st);
-  finish_tile(sm, p, e, st, ep, [&](std::int64_t i) {
-    return ep.merge && core::history_count(core::current_block(e.seq.pos(i), p.block_size), p.top_k, p.full) > 0;
-  });
-}
+  template <class T>
+  __device__ void row(const core::fwd_params<T>& p, std::int64_t n, const work_item<T>& it, bool merge_pass, int r,
+                      row_meta& m) const {
+    const bool used = r < it.rows;
+    const std::int64_t pos = used ? it.e.seq.pos(it.first + r) : 0, c = core::current_block(pos, p.block_size);
+    m.query[r] = used ? static_cast<std::int32_t>(it.first + r) : -1;
+    m.head[r] = static_cast<std::int32_t>(n / tiles);
+    m.lo[r] = used && !p.full ? core::block_begin(c, p.block_size) : 0;
+    m.hi[r] = used ? pos + 1 : 0;
+    m.merge[r] = used && merge_pass && core::history_count(c, p.top_k, p.full) > 0;
+  }
+};
 
 /// The rows (query, head) whose history block in one selection slot is key block j, listed per
 /// key x = kvh · total_blocks + global block (slots.cuh): rows[start[x] .. start[x + 1]), in
-/// tile_rows tiles numbered from tile_start[x]; tile_list[n] is the x of tile n.
+/// tile_rows tiles numbered from tile_start[x], tile n described by tiles[n].
 struct slot_lists {
   const std::int64_t* start;       // [keys + 1]
   const std::int64_t* tile_start;  // [keys + 1]
-  const std::int32_t* tile_list;   // [tiles]
+  const list_tile* tiles;          // [tiles]
   const std::int32_t* rows;        // entries i · Hq + h
   std::int64_t total_blocks;
 };
 
-/// One selection slot: grid (an upper bound on the slot's tiles); CTA x takes tile x. Each row is in
-/// at most one tile of a slot, so its merge into out / lse2 needs no atomics.
-template <class T, int D>
+/// Work items of one selection slot: item n is tile n of the slot's lists, attending its key block.
+/// Each row is in at most one tile of a slot, so its merge into out / lse2 needs no atomics.
+struct history_items {
+  slot_lists lists;
+  template <class T>
+  __device__ std::int64_t count(const core::fwd_params<T>& p) const { return lists.tile_start[p.kv_heads * lists.total_blocks]; }
+  template <class T>
+  __device__ work_item<T> item(const core::fwd_params<T>& p, const sequence_desc* table, std::int64_t n) const {
+    const list_tile tile = lists.tiles[n];
+    const std::int64_t kvh = tile.key / lists.total_blocks, gblock = tile.key % lists.total_blocks;
+    const sequence_desc e = table[find_sequence(table, p.seqs.count, gblock, [](const sequence_desc& d) { return d.block_offset; })];
+    const std::int64_t j = gblock - e.block_offset;
+    return {e, kv_source(p, e.seq, kvh), core::block_begin(j, p.block_size), core::block_end(j, p.block_size, e.seq.k_len),
+            tile.first, tile.count};
+  }
+  template <class T>
+  __device__ void row(const core::fwd_params<T>& p, std::int64_t, const work_item<T>& it, bool merge_pass, int r,
+                      row_meta& m) const {
+    const std::int32_t entry = r < it.rows ? lists.rows[it.first + r] : -1;
+    m.query[r] = entry < 0 ? -1 : static_cast<std::int32_t>(entry / p.q_heads);
+    m.head[r] = entry < 0 ? 0 : static_cast<std::int32_t>(entry % p.q_heads);
+    m.lo[r] = entry < 0 ? 0 : it.k_begin;
+    m.hi[r] = entry < 0 ? 0 : it.k_end;
+    m.merge[r] = entry >= 0 && merge_pass;
+  }
+};
+
+/// Threads < tile_rows: fills sm.meta[slot] with the rows of work item n and their key span per
+/// 16-row warp, and (thread 0) sm.item[slot].
+template <class T, int D, class Items>
+__device__ void prepare_item(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_desc* table,
+                             const Items& items, bool merge_pass, std::int64_t n, int slot) {
+  if (threadIdx.x >= tile_rows) return;
+  const int r = threadIdx.x;
+  const work_item<T> it = items.item(p, table, n);
+  row_meta& m = sm.meta[slot];
+  items.row(p, n, it, merge_pass, r, m);
+  if (r == 0) sm.item[slot] = it;
+  std::int64_t lo = m.lo[r] < m.hi[r] ? m.lo[r] : INT64_MAX, hi = m.lo[r] < m.hi[r] ? m.hi[r] : INT64_MIN;  // used rows only
+  for (int off = 8; off > 0; off /= 2) {  // over the 16 lanes of the row's attention warp
+    const std::int64_t a = __shfl_xor_sync(0xffffffffu, lo, off), b = __shfl_xor_sync(0xffffffffu, hi, off);
+    lo = a < lo ? a : lo;
+    hi = b > hi ? b : hi;
+  }
+  if (r % 16 == 0) {
+    m.warp_lo[r / 16] = lo;
+    m.warp_hi[r / 16] = hi;
+  }
+}
+
+/// A persistent attention kernel over the work items of `items` (causal_items or history_items):
+/// CTA b runs item b, then items it claims in turn from `*ticket` (zero before the launch: items of
+/// unequal length balance, longest first where the item order says so). While one item's tiles
+/// run, the CTA copies that item's old rows, looks up the next item and claims the one after; during
+/// its last tile it copies the next item's first key tile, and once its query tile is free (the
+/// epilogue) the next item's queries, so that a work item's setup overlaps the previous one's compute.
+template <class T, int D, class Items>
 __global__ void __launch_bounds__(attention_threads, 1)
-    history_kernel(core::fwd_params<T> p, const sequence_desc* table, slot_lists lists, epilogue ep, float scale_log2) {
+    attention_kernel(core::fwd_params<T> p, const sequence_desc* table, Items items, epilogue ep, float scale_log2,
+                     unsigned* ticket) {
   extern __shared__ unsigned char smem_raw[];
   auto& sm = attention_smem<T, D>::at(smem_raw);
-  const std::int64_t keys = p.kv_heads * lists.total_blocks, tile = blockIdx.x;
-  if (tile >= lists.tile_start[keys]) return;
-  const std::int64_t x = lists.tile_list[tile];
-  const std::int64_t kvh = x / lists.total_blocks, gblock = x % lists.total_blocks;
-  const std::int64_t s = find_sequence(table, p.seqs.count, gblock, [](const sequence_desc& e) { return e.block_offset; });
-  const sequence_desc& e = table[s];
-  const std::int64_t j = gblock - e.block_offset;
-  const std::int64_t k_begin = core::block_begin(j, p.block_size), k_end = core::block_end(j, p.block_size, e.seq.k_len);
-  const kv_rows<T> src(p, e.seq, kvh);
-  load_kv_async(sm, src, 0, k_begin, k_end);  // needs only the block: under the row lookup below
-  const std::int64_t begin = lists.start[x] + (tile - lists.tile_start[x]) * tile_rows;
-  const std::int64_t rows = lists.start[x + 1] - begin < tile_rows ? lists.start[x + 1] - begin : tile_rows;
-  const std::int32_t* entries = lists.rows + begin;
-  if (threadIdx.x < tile_rows) {
-    const int r = threadIdx.x;
-    const std::int32_t entry = r < rows ? entries[r] : -1;
-    sm.query[r] = entry < 0 ? -1 : static_cast<std::int32_t>(entry / p.q_heads);
-    sm.head[r] = entry < 0 ? 0 : static_cast<std::int32_t>(entry % p.q_heads);
-    sm.lo[r] = entry < 0 ? 0 : k_begin;
-    sm.hi[r] = entry < 0 ? 0 : k_end;
-  }
+  const std::int64_t count = items.count(p);
+  const std::int64_t n = blockIdx.x;
+  if (n >= count) return;
+  if (threadIdx.x == 0) sm.claimed[0] = gridDim.x + std::int64_t{atomicAdd(ticket, 1u)};
+  prepare_item(sm, p, table, items, ep.merge, n, 0);
   __syncthreads();
-  load_rows_async<T, D, tile_rows>(sm.q, [&](int r) -> const T* {
-    return sm.query[r] >= 0 ? row_ptr(p.q, e.seq.batch, e.seq.q_start + sm.query[r], sm.head[r]) : nullptr;
-  });
-  cp_async_commit();
-  tile_spans(sm);
-  row_state<D> st;
-  init_state(st);
-  attend_tile(sm, src, k_begin, k_end, scale_log2, st);
-  finish_tile(sm, p, e, st, ep, [&](std::int64_t) { return ep.merge; });
+  load_kv_async(sm, sm.item[0].src, 0, sm.item[0].k_begin, sm.item[0].k_end);
+  load_query_rows(sm, p, sm.meta[0], sm.item[0].e);
+  for (int cur = 0, buf = 0;; cur ^= 1, buf ^= 1) {
+#if defined(MOBA_CUDA_BULK_STORE)
+    bulk_wait_read();  // the previous item's rows have left sm.old_out ...
+#endif
+    __syncthreads();  // ... and every thread is done with that item: its meta and item slot refill below
+    const std::int64_t next = sm.claimed[cur];
+    const bool more = next < count;
+    std::int64_t after_next = count;  // claimed now: the atomic's latency hides behind this item's tiles
+    if (threadIdx.x == 0 && more) after_next = gridDim.x + std::int64_t{atomicAdd(ticket, 1u)};
+    const kv_rows<T> src = sm.item[cur].src;
+    const std::int64_t k_begin = sm.item[cur].k_begin, k_end = sm.item[cur].k_end;
+    load_old_rows(sm, p, sm.meta[cur], sm.item[cur].e, ep);
+    if (more) prepare_item(sm, p, table, items, ep.merge, next, cur ^ 1);
+    row_state<D> st;
+    init_state(st);
+    buf = attend_tile(sm, sm.meta[cur], src, k_begin, k_end, scale_log2, st, buf, [&](int free) {
+      if (!more) return;
+      load_kv_async(sm, sm.item[cur ^ 1].src, free, sm.item[cur ^ 1].k_begin, sm.item[cur ^ 1].k_end);
+      if (threadIdx.x == 0) sm.claimed[cur ^ 1] = after_next;
+    });
+    finish_tile(sm, p, sm.meta[cur], sm.item[cur].e, st, ep, more, [&] {
+      if (more) load_query_rows(sm, p, sm.meta[cur ^ 1], sm.item[cur ^ 1].e);
+    });
+    if (!more) break;
+  }
+#if defined(MOBA_CUDA_BULK_STORE)
+  bulk_wait();  // the last rows are in out before shared memory goes
+#endif
 }
 
 /// CUDA-core path (float, and any dtype as a fallback): one warp per (query, head), lanes split the

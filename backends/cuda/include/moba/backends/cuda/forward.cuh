@@ -27,7 +27,8 @@ namespace moba::backends::cuda {
 
 /// Where each part of the device workspace lies (byte offsets, 256-aligned) for one call.
 struct workspace_layout {
-  std::int64_t table = 0, kbar = 0, sel = 0, lse2 = 0, counts = 0, start = 0, tile_start = 0, tile_list = 0, rows = 0, total = 0;
+  std::int64_t table = 0, tickets = 0, kbar = 0, sel = 0, lse2 = 0, counts = 0, start = 0, tile_start = 0, tile_list = 0, rows = 0, total = 0;
+  std::int64_t zeroed = 0;                     // bytes from `tickets` that each call zeroes
   std::int64_t total_blocks = 0, passes = 0;  // history passes: the most history blocks any query has
   std::int64_t history_tiles = 0;             // bound on one pass's tiles: at most one partly filled per list
 };
@@ -59,19 +60,25 @@ workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* 
     where = at;
     at += align256(bytes);
   };
+  const std::int64_t row_heads = totals.row_offset * p.q_heads, keys = p.kv_heads * w.total_blocks;
+  const bool tensor_cores = !std::is_same_v<T, float>;
+  w.passes = tensor_cores && !p.full ? most_history : 0;
+  if (w.passes > 0)
+    detail::require(keys < (std::int64_t{1} << 31), "moba::cuda: ", keys, " key blocks (times kv heads) is too many");
+  // One work ticket per attention launch (history passes, then the current blocks) and right after
+  // them the slot counts: one memset zeroes both.
+  if (tensor_cores) take(w.tickets, (w.passes + 1) * 4);
+  take(w.counts, w.passes * keys * 4);
+  w.zeroed = tensor_cores ? at - w.tickets : 0;
   if (!p.full) {
-    const std::int64_t row_heads = totals.row_offset * p.q_heads, keys = p.kv_heads * w.total_blocks;
     take(w.kbar, w.total_blocks * p.kv_heads * kbar_pieces * p.head_dim * 2);
     take(w.sel, row_heads * p.top_k * 4);
-    if (!std::is_same_v<T, float> && most_history > 0) {
-      detail::require(keys < (std::int64_t{1} << 31), "moba::cuda: ", keys, " key blocks (times kv heads) is too many");
-      w.passes = most_history;
+    if (w.passes > 0) {
       w.history_tiles = (row_heads + tile_rows - 1) / tile_rows + std::min(keys, row_heads);
       take(w.lse2, row_heads * 4);
-      take(w.counts, w.passes * keys * 4);
       take(w.start, w.passes * (keys + 1) * 8);
       take(w.tile_start, w.passes * (keys + 1) * 8);
-      take(w.tile_list, w.passes * w.history_tiles * 4);
+      take(w.tile_list, w.passes * w.history_tiles * static_cast<std::int64_t>(sizeof(list_tile)));
       take(w.rows, row_heads * 4);
     }
   }
@@ -100,6 +107,7 @@ struct backend_impl<cuda, Dtype> {
     int device = 0;
     MOBA_CUDA_CHECK(cudaGetDevice(&device));
     MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&major_, cudaDevAttrComputeCapabilityMajor, device));
+    MOBA_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device));
     MOBA_CUDA_CHECK(cudaEventCreateWithFlags(&staged_, cudaEventDisableTiming));
   }
   backend_impl(const backend_impl&) = delete;
@@ -132,6 +140,12 @@ struct backend_impl<cuda, Dtype> {
   }
   /// Peak device bytes the owned workspace reached (for the benchmark's extra_bytes counter).
   std::int64_t workspace_capacity() const { return owned_bytes_; }
+  /// Run the attention kernels on at most `ctas` CTAs at once (0, the default: one per SM). Fewer
+  /// leave SMs to concurrent work; each CTA then runs more work items in turn.
+  void set_max_ctas(int ctas) {
+    detail::require(ctas >= 0, name, " max_ctas must be >= 0; got ", ctas);
+    max_ctas_ = ctas;
+  }
   /// Optional events recorded on the stream before the gate (block means) and after it (top-k), so
   /// that a caller can time the gating share of a call. Null (the default) records nothing.
   void set_gate_events(cudaEvent_t before, cudaEvent_t after) {
@@ -184,6 +198,8 @@ struct backend_impl<cuda, Dtype> {
     auto* table = reinterpret_cast<c::sequence_desc*>(ws + w.table);
     MOBA_CUDA_CHECK(cudaMemcpyAsync(table, staging_, table_bytes, cudaMemcpyHostToDevice, stream_));
     MOBA_CUDA_CHECK(cudaEventRecord(staged_, stream_));
+    auto* tickets = reinterpret_cast<unsigned*>(ws + w.tickets);
+    if (w.zeroed > 0) MOBA_CUDA_CHECK(cudaMemsetAsync(tickets, 0, w.zeroed, stream_));
 
     const auto q_heads = static_cast<unsigned>(p.q_heads);
     std::int32_t* sel = nullptr;
@@ -224,13 +240,15 @@ struct backend_impl<cuda, Dtype> {
             constexpr int smem = c::attention_smem<Dtype, D>::launch_bytes;
             const c::epilogue last{w.passes > 0 ? reinterpret_cast<float*>(ws + w.lse2) : nullptr, w.passes > 0, true};
             if (w.passes > 0) {
-              MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::history_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-              history_passes<D>(p, w, table, sel, ws, scale_log2);
+              MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::attention_kernel<Dtype, D, c::history_items>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+              history_passes<D>(p, w, table, sel, ws, tickets, scale_log2);
             }
-            MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::causal_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            c::causal_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(
-                p, table, last, scale_log2);
-            c::check_launch("causal_kernel");
+            MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::attention_kernel<Dtype, D, c::causal_items>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+            c::attention_kernel<Dtype, D><<<persistent_grid(totals.tile_offset * p.q_heads), c::attention_threads, smem, stream_>>>(
+                p, table, c::causal_items{totals.tile_offset}, last, scale_log2, tickets + w.passes);
+            c::check_launch("attention_kernel (current blocks)");
           },
           [] {});
     }
@@ -242,16 +260,15 @@ struct backend_impl<cuda, Dtype> {
   template <int D>
   void history_passes(const core::fwd_params<Dtype>& p, const backends::cuda::workspace_layout& w,
                       const backends::cuda::sequence_desc* table, const std::int32_t* sel, unsigned char* ws,
-                      float scale_log2) {
+                      unsigned* tickets, float scale_log2) {
     namespace c = backends::cuda;
     const std::int64_t row_heads = table_[p.seqs.count].row_offset * p.q_heads, keys = p.kv_heads * w.total_blocks;
     auto* counts = reinterpret_cast<std::int32_t*>(ws + w.counts);
     auto* start = reinterpret_cast<std::int64_t*>(ws + w.start);
     auto* tile_start = reinterpret_cast<std::int64_t*>(ws + w.tile_start);
-    auto* tile_list = reinterpret_cast<std::int32_t*>(ws + w.tile_list);
+    auto* tile_list = reinterpret_cast<c::list_tile*>(ws + w.tile_list);
     auto* rows = reinterpret_cast<std::int32_t*>(ws + w.rows);
-    const unsigned entry_grid = grid((row_heads + 255) / 256), tile_grid = grid(w.history_tiles);
-    MOBA_CUDA_CHECK(cudaMemsetAsync(counts, 0, w.passes * keys * 4, stream_));
+    const unsigned entry_grid = grid((row_heads + 255) / 256), tile_grid = persistent_grid(w.history_tiles);
     c::count_slots_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, w.passes, w.total_blocks, counts);
     c::check_launch("count_slots_kernel");
     c::scan_slots_kernel<<<grid(w.passes), c::scan_threads, 0, stream_>>>(counts, keys, start, tile_start, tile_list,
@@ -264,10 +281,16 @@ struct backend_impl<cuda, Dtype> {
                                                                      counts + slot * keys, rows);
       c::check_launch("scatter_slot_kernel");
       const c::epilogue ep{reinterpret_cast<float*>(ws + w.lse2), slot > 0, false};
-      c::history_kernel<Dtype, D><<<tile_grid, c::attention_threads, c::attention_smem<Dtype, D>::launch_bytes, stream_>>>(
-          p, table, lists, ep, scale_log2);
-      c::check_launch("history_kernel");
+      c::attention_kernel<Dtype, D><<<tile_grid, c::attention_threads, c::attention_smem<Dtype, D>::launch_bytes, stream_>>>(
+          p, table, c::history_items{lists}, ep, scale_log2, tickets + slot);
+      c::check_launch("attention_kernel (history blocks)");
     }
+  }
+
+  /// CTAs of a persistent attention kernel over `items` work items: one per SM (the kernel's
+  /// occupancy), or the caller's limit.
+  unsigned persistent_grid(std::int64_t items) const {
+    return static_cast<unsigned>(std::max<std::int64_t>(1, std::min<std::int64_t>(items, max_ctas_ > 0 ? max_ctas_ : sms_)));
   }
 
   static unsigned grid(std::int64_t n) {
@@ -290,7 +313,7 @@ struct backend_impl<cuda, Dtype> {
   }
 
   cudaStream_t stream_ = nullptr;
-  int major_ = 0;
+  int major_ = 0, sms_ = 1, max_ctas_ = 0;
   std::vector<backends::cuda::sequence_desc> table_;
   unsigned char* owned_ = nullptr;
   std::int64_t owned_bytes_ = 0;

@@ -47,19 +47,26 @@ __global__ void count_slots_kernel(core::fwd_params<T> p, const sequence_desc* t
   });
 }
 
+/// One tile of a slot's row lists: rows[first, first + count) of the list of key `key`.
+struct list_tile {
+  std::int64_t first;
+  std::int32_t key;
+  std::int32_t count;
+};
+
 /// CTA s (one per slot) of scan_threads, over that slot's rows of counts / start / tile_start
-/// (pitch n, n + 1, n + 1) and tile_list (pitch tiles_pitch): start = exclusive prefix sum of
+/// (pitch n, n + 1, n + 1) and tiles (pitch tiles_pitch): start = exclusive prefix sum of
 /// counts[0, n), tile_start = the same of their tile_rows tile counts; both get the total at index
-/// n. tile_list[t] = the x whose tiles include t, so that an attention CTA finds its list in one load.
+/// n. tiles[t] describes tile t, so that an attention CTA finds its rows in one load.
 inline constexpr int scan_threads = 1024;
 template <class Count>  // a template so that every translation unit may define it (header-only)
 __global__ void __launch_bounds__(scan_threads) scan_slots_kernel(const Count* counts, std::int64_t n, std::int64_t* start,
-                                                                  std::int64_t* tile_start, std::int32_t* tile_list,
+                                                                  std::int64_t* tile_start, list_tile* tiles_out,
                                                                   std::int64_t tiles_pitch) {
   counts += blockIdx.x * n;
   start += blockIdx.x * (n + 1);
   tile_start += blockIdx.x * (n + 1);
-  tile_list += blockIdx.x * tiles_pitch;
+  tiles_out += blockIdx.x * tiles_pitch;
   __shared__ std::int64_t rows_part[scan_threads], tiles_part[scan_threads];
   const int tid = threadIdx.x;
   const std::int64_t chunk = (n + scan_threads - 1) / scan_threads;
@@ -84,8 +91,10 @@ __global__ void __launch_bounds__(scan_threads) scan_slots_kernel(const Count* c
   for (std::int64_t x = b; x < e; ++x) {
     start[x] = rows;
     tile_start[x] = tiles;
-    rows += counts[x];
-    for (const std::int64_t end = tiles + tiles_of(x); tiles < end; ++tiles) tile_list[tiles] = static_cast<std::int32_t>(x);
+    const std::int32_t count = static_cast<std::int32_t>(counts[x]);
+    for (std::int32_t done = 0; done < count; done += tile_rows)
+      tiles_out[tiles++] = {rows + done, static_cast<std::int32_t>(x), count - done < tile_rows ? count - done : tile_rows};
+    rows += count;
   }
   if (tid == scan_threads - 1) {
     start[n] = rows_part[tid];

@@ -23,6 +23,23 @@ __device__ __forceinline__ void fence_async_shared() {
 #endif
 }
 
+/// Bulk copies shared -> global (the TMA engine; sm_90+): `bytes` (a multiple of 16, both addresses
+/// 16-byte aligned) as one asynchronous copy of this thread's bulk group. The source must stay
+/// unchanged until bulk_wait_read says the copies have read it; fence_async_shared orders the
+/// writes that filled it before.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MOBA_CUDA_BULK_STORE 1
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, std::uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(smem_address(src)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+/// Waits until this thread's bulk copies have read their sources.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+/// Waits until this thread's bulk copies are complete.
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+#endif
+
 #if defined(MOBA_CUDA_WGMMA)
 
 /// Matrix descriptor of a 128B-swizzled shared-memory operand: start address, leading- and
