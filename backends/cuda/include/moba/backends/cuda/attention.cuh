@@ -66,7 +66,8 @@ struct attention_smem {
   alignas(16) T old_out[tile_rows * old_pitch<D>];
   row_meta meta[2];
   work_item<T> item[2];
-  std::int64_t claimed[2];      // the work item after item[slot]'s successor (attention_kernel)
+  std::int64_t claimed[2];  // the work item after item[slot]'s successor (attention_kernel)
+  std::uint64_t old_bar;    // the old rows' bulk loads (sm_90+)
   /// Bytes to request: the struct plus slack to align the dynamic shared-memory base to 1024.
   static constexpr int launch_bytes = sizeof(attention_smem) + 1024;
   __device__ static attention_smem& at(unsigned char* raw) {
@@ -306,22 +307,35 @@ __device__ void load_query_rows(attention_smem<T, D>& sm, const core::fwd_params
   cp_async_commit();
 }
 
-/// Issues the copy of the merging rows' earlier output (into sm.old_out) and log2-sum-exp (into
-/// m.old_lse2) as one cp.async group, empty when no row merges.
+/// Whether this thread's row (threads < tile_rows) merges with an earlier pass's result.
+__device__ __forceinline__ bool merges_row(const row_meta& m) {
+  const int r = threadIdx.x;
+  return r < tile_rows && m.query[r] >= 0 && m.merge[r];
+}
+
+/// Issues the copy of the `merging` rows' earlier output into sm.old_out (sm_90+: one bulk copy per
+/// row on sm.old_bar, phase `phase`; else 16-byte cp.async) and of their log2-sum-exp into
+/// m.old_lse2, as one cp.async group (empty when no row merges).
 template <class T, int D>
 __device__ void load_old_rows(attention_smem<T, D>& sm, const core::fwd_params<T>& p, row_meta& m, const sequence_desc& e,
-                              const epilogue& ep) {
-  constexpr int chunks = D / 8;
+                              const epilogue& ep, int merging) {
   const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start, row_offset = e.row_offset;
-  for (int x = threadIdx.x; x < tile_rows * chunks; x += attention_threads) {
-    const int r = x / chunks;
-    if (m.query[r] >= 0 && m.merge[r])
-      cp_async_16(sm.old_out + r * old_pitch<D> + x % chunks * 8,
-                  row_ptr(p.out, batch, q_start + m.query[r], m.head[r]) + x % chunks * 8, true);
-  }
   const int r = threadIdx.x;
-  if (r < tile_rows && m.query[r] >= 0 && m.merge[r])
-    cp_async_4(&m.old_lse2[r], ep.lse2 + (row_offset + m.query[r]) * p.q_heads + m.head[r]);
+#if defined(MOBA_CUDA_BULK_COPY)
+  if (r == 0) mbarrier_arrive_expect(&sm.old_bar, static_cast<std::uint32_t>(merging * D * sizeof(T)));
+  if (merges_row(m))
+    bulk_load(sm.old_out + r * old_pitch<D>, row_ptr(p.out, batch, q_start + m.query[r], m.head[r]), D * sizeof(T), &sm.old_bar);
+#else
+  (void)merging;
+  constexpr int chunks = D / 8;
+  for (int x = threadIdx.x; x < tile_rows * chunks; x += attention_threads) {
+    const int row = x / chunks;
+    if (m.query[row] >= 0 && m.merge[row])
+      cp_async_16(sm.old_out + row * old_pitch<D> + x % chunks * 8,
+                  row_ptr(p.out, batch, q_start + m.query[row], m.head[row]) + x % chunks * 8, true);
+  }
+#endif
+  if (merges_row(m)) cp_async_4(&m.old_lse2[r], ep.lse2 + (row_offset + m.query[r]) * p.q_heads + m.head[r]);
   cp_async_commit();
 }
 
@@ -336,11 +350,16 @@ __device__ void load_old_rows(attention_smem<T, D>& sm, const core::fwd_params<T
 template <class T, int D, class QFree>
 __device__ void finish_tile(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const row_meta& m,
                             const sequence_desc& e, const row_state<D>& st, const epilogue& ep, bool next_in_flight,
-                            QFree q_free) {
+                            int phase, QFree q_free) {
   const int t = threadIdx.x % 4, r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
   const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start, row_offset = e.row_offset;
   if (next_in_flight) cp_async_wait<1>();  // the old rows
   else cp_async_wait<0>();
+#if defined(MOBA_CUDA_BULK_COPY)
+  mbarrier_wait(&sm.old_bar, phase);
+#else
+  (void)phase;
+#endif
   fence_async_shared();  // order the stages' last reads (wgmma: the async proxy) before later copies into them
   __syncthreads();       // every warp is done with the query tile; the old rows are visible
   q_free();
@@ -376,7 +395,7 @@ __device__ void finish_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
   }
   fence_async_shared();  // the rows' writes, before the bulk copies read them
   __syncthreads();
-#if defined(MOBA_CUDA_BULK_STORE)
+#if defined(MOBA_CUDA_BULK_COPY)
   const int r = threadIdx.x;
   if (r < tile_rows && m.query[r] >= 0) {
     bulk_store(row_ptr(p.out, batch, q_start + m.query[r], m.head[r]), sm.old_out + r * old_pitch<D>, D * sizeof(T));
@@ -509,23 +528,29 @@ __global__ void __launch_bounds__(attention_threads, 1)
   const std::int64_t count = items.count(p);
   const std::int64_t n = blockIdx.x;
   if (n >= count) return;
-  if (threadIdx.x == 0) sm.claimed[0] = gridDim.x + std::int64_t{atomicAdd(ticket, 1u)};
+  if (threadIdx.x == 0) {
+    sm.claimed[0] = gridDim.x + std::int64_t{atomicAdd(ticket, 1u)};
+#if defined(MOBA_CUDA_BULK_COPY)
+    mbarrier_init(&sm.old_bar);
+#endif
+  }
   prepare_item(sm, p, table, items, ep.merge, n, 0);
   __syncthreads();
   load_kv_async(sm, sm.item[0].src, 0, sm.item[0].k_begin, sm.item[0].k_end);
   load_query_rows(sm, p, sm.meta[0], sm.item[0].e);
-  for (int cur = 0, buf = 0;; cur ^= 1, buf ^= 1) {
-#if defined(MOBA_CUDA_BULK_STORE)
+  for (int cur = 0, buf = 0, phase = 0;; cur ^= 1, buf ^= 1, phase ^= 1) {
+#if defined(MOBA_CUDA_BULK_COPY)
     bulk_wait_read();  // the previous item's rows have left sm.old_out ...
 #endif
-    __syncthreads();  // ... and every thread is done with that item: its meta and item slot refill below
+    // ... and every thread is done with that item: its meta and item slot refill below.
+    const int merging = __syncthreads_count(merges_row(sm.meta[cur]));
     const std::int64_t next = sm.claimed[cur];
     const bool more = next < count;
     std::int64_t after_next = count;  // claimed now: the atomic's latency hides behind this item's tiles
     if (threadIdx.x == 0 && more) after_next = gridDim.x + std::int64_t{atomicAdd(ticket, 1u)};
     const kv_rows<T> src = sm.item[cur].src;
     const std::int64_t k_begin = sm.item[cur].k_begin, k_end = sm.item[cur].k_end;
-    load_old_rows(sm, p, sm.meta[cur], sm.item[cur].e, ep);
+    load_old_rows(sm, p, sm.meta[cur], sm.item[cur].e, ep, merging);
     if (more) prepare_item(sm, p, table, items, ep.merge, next, cur ^ 1);
     row_state<D> st;
     init_state(st);
@@ -534,12 +559,12 @@ __global__ void __launch_bounds__(attention_threads, 1)
       load_kv_async(sm, sm.item[cur ^ 1].src, free, sm.item[cur ^ 1].k_begin, sm.item[cur ^ 1].k_end);
       if (threadIdx.x == 0) sm.claimed[cur ^ 1] = after_next;
     });
-    finish_tile(sm, p, sm.meta[cur], sm.item[cur].e, st, ep, more, [&] {
+    finish_tile(sm, p, sm.meta[cur], sm.item[cur].e, st, ep, more, phase, [&] {
       if (more) load_query_rows(sm, p, sm.meta[cur ^ 1], sm.item[cur ^ 1].e);
     });
     if (!more) break;
   }
-#if defined(MOBA_CUDA_BULK_STORE)
+#if defined(MOBA_CUDA_BULK_COPY)
   bulk_wait();  // the last rows are in out before shared memory goes
 #endif
 }

@@ -23,12 +23,36 @@ __device__ __forceinline__ void fence_async_shared() {
 #endif
 }
 
-/// Bulk copies shared -> global (the TMA engine; sm_90+): `bytes` (a multiple of 16, both addresses
-/// 16-byte aligned) as one asynchronous copy of this thread's bulk group. The source must stay
-/// unchanged until bulk_wait_read says the copies have read it; fence_async_shared orders the
-/// writes that filled it before.
+/// Bulk copies (the TMA engine; sm_90+) of `bytes` (a multiple of 16, both addresses 16-byte aligned).
+/// Shared -> global: one asynchronous copy of this thread's bulk group; the source must stay
+/// unchanged until bulk_wait_read says the copies have read it, and fence_async_shared orders the
+/// writes that filled it before. Global -> shared: completes on an mbarrier that expects its bytes.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define MOBA_CUDA_BULK_STORE 1
+#define MOBA_CUDA_BULK_COPY 1
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, std::uint32_t bytes, std::uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_address(dst)),
+               "l"(src), "r"(bytes), "r"(smem_address(bar))
+               : "memory");
+}
+/// An mbarrier for one arrival per phase (thread 0 of the CTA), visible to the TMA engine.
+__device__ __forceinline__ void mbarrier_init(std::uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_address(bar)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+/// The phase's one arrival, expecting `bytes` of bulk loads.
+__device__ __forceinline__ void mbarrier_arrive_expect(std::uint64_t* bar, std::uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)), "r"(bytes) : "memory");
+}
+/// Waits until the phase of parity `phase` has completed (its loads are visible).
+__device__ __forceinline__ void mbarrier_wait(std::uint64_t* bar, int phase) {
+  asm volatile(
+      "{\n .reg .pred done;\n wait:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      " @!done bra wait;\n}\n" ::"r"(smem_address(bar)),
+      "r"(phase)
+      : "memory");
+}
 __device__ __forceinline__ void bulk_store(void* dst, const void* src, std::uint32_t bytes) {
   asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(smem_address(src)), "r"(bytes)
                : "memory");
