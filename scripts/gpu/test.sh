@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: MIT
 # On the GPU machine: configure + build the CUDA tests, run them, then compute-sanitizer memcheck and
 # racecheck on a small case. Logs go to $OUT (or ./gpu-out). Usage: scripts/gpu/test.sh [build-dir]
-# MOBA_ARCH picks the target: 90a (default; the wgmma mainloop) or 80 (the mma.sync mainloop).
+# MOBA_ARCH picks the target: 90a (default; the wgmma mainloop), 90 (mma.sync mainloop, bulk copies) or
+# 80 (mma.sync mainloop, cp.async only).
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 build=${1:-build-gpu}

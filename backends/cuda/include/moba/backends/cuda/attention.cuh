@@ -33,6 +33,7 @@ struct row_meta {
   std::int64_t warp_lo[attention_threads / 32], warp_hi[attention_threads / 32];  // per-warp key span
 };
 
+/// The keys and values of one kv head of a sequence: their first rows and row strides.
 template <class T>
 struct kv_rows {
   const T *k, *v;
@@ -41,7 +42,7 @@ struct kv_rows {
 
 /// One work item of an attention kernel: rows of one sequence (their row_meta) against its keys
 /// [k_begin, k_end) of one kv head. `first` and `rows` place the rows in the item source's terms.
-/// Kept in shared memory, with a copy of the sequence's entry: the epilogue reads it at once.
+/// Kept in shared memory with a copy of the sequence's entry, which the epilogue then reads from there.
 template <class T>
 struct work_item {
   sequence_desc e;
@@ -56,8 +57,9 @@ template <int D>
 inline constexpr int old_pitch = D + 8;
 
 /// Shared memory of one attention CTA: the query tile and kv_stages stages of key and value tiles,
-/// each stored 128B-swizzled ([D / 64][rows][64], swizzled_offset); the merging rows' earlier output
-/// ([row][D], copied while the tiles run); and the rows and item of the current and the next work item.
+/// each stored 128B-swizzled ([D / 64][rows][64], swizzled_offset); a row buffer ([row][old_pitch]:
+/// the merging rows' earlier output, copied while the tiles run, then the epilogue's merged rows);
+/// and the rows and item of the current and the next work item.
 template <class T, int D>
 struct attention_smem {
   alignas(1024) T q[tile_rows * D];
@@ -75,7 +77,6 @@ struct attention_smem {
     return *reinterpret_cast<attention_smem*>(a);
   }
 };
-
 
 /// Online-softmax state of the two rows (r, r + 8) a thread holds: unnormalised output in the mma
 /// accumulator layout (o[4n + e]: column 8n + 2t + e % 2 of row e / 2), running max in log2 units
@@ -314,8 +315,8 @@ __device__ __forceinline__ bool merges_row(const row_meta& m) {
 }
 
 /// Issues the copy of the `merging` rows' earlier output into sm.old_out (sm_90+: one bulk copy per
-/// row on sm.old_bar, phase `phase`; else 16-byte cp.async) and of their log2-sum-exp into
-/// m.old_lse2, as one cp.async group (empty when no row merges).
+/// row, completing this item's phase of sm.old_bar, on which thread 0 arrives expecting their bytes;
+/// else 16-byte cp.async) and of their log2-sum-exp into m.old_lse2, as one cp.async group.
 template <class T, int D>
 __device__ void load_old_rows(attention_smem<T, D>& sm, const core::fwd_params<T>& p, row_meta& m, const sequence_desc& e,
                               const epilogue& ep, int merging) {
