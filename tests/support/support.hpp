@@ -100,10 +100,16 @@ struct runner {
   static void forward(attention<Backend, T>& attn, const forward_args<T>& args) { attn.forward(args); }
 };
 
+/// Backend options `run` sets before the call: none.
+struct default_options {
+  template <class Attention>
+  void operator()(Attention&) const {}
+};
+
 /// Runs `Backend` on `t` with poisoned outputs (lse and selection included); the selection view is
-/// `extra_width` entries wider than it needs to be.
-template <class Backend, class T>
-outputs<T> run(const tensors<T>& t, const config& cfg, std::int64_t extra_width = 0) {
+/// `extra_width` entries wider than it needs to be; `options(attn)` may set backend options first.
+template <class Backend, class T, class Options = default_options>
+outputs<T> run(const tensors<T>& t, const config& cfg, std::int64_t extra_width = 0, Options options = {}) {
   outputs<T> o;
   std::int64_t max_k = 0;
   for (auto len : t.s.k_lens) max_k = std::max<std::int64_t>(max_k, len);
@@ -113,6 +119,7 @@ outputs<T> run(const tensors<T>& t, const config& cfg, std::int64_t extra_width 
   o.lse.assign(t.total_q() * t.s.hq, poison_value<accum_t<T>>());
   o.selected.assign(t.total_q() * t.s.hq * o.width, poison_value<std::int32_t>());
   attention<Backend, T> attn(cfg);
+  options(attn);
   runner<Backend, T>::forward(attn, {.q = t.q_view(),
                                      .k = t.k_view(),
                                      .v = t.v_view(),
