@@ -454,12 +454,11 @@ struct causal_items {
 };
 
 /// The rows (query, head) whose history block in one selection slot is key block j, listed per
-/// key x = kvh · total_blocks + global block (slots.cuh): rows[start[x] .. start[x + 1]), in
-/// tile_rows tiles numbered from tile_start[x], tile n described by tiles[n].
+/// key x = kvh · total_blocks + global block (slots.cuh) in tile_rows tiles: tile n, described by
+/// tiles[n], is rows[tiles[n].first, + tiles[n].count).
 struct slot_lists {
-  const std::int64_t* start;       // [keys + 1]
-  const std::int64_t* tile_start;  // [keys + 1]
-  const list_tile* tiles;          // [tiles]
+  const std::int64_t* tile_count;  // the slot's tiles
+  const list_tile* tiles;          // [tile_count]
   const std::int32_t* rows;        // entries i · Hq + h
   std::int64_t total_blocks;
 };
@@ -469,7 +468,7 @@ struct slot_lists {
 struct history_items {
   slot_lists lists;
   template <class T>
-  __device__ std::int64_t count(const core::fwd_params<T>& p) const { return lists.tile_start[p.kv_heads * lists.total_blocks]; }
+  __device__ std::int64_t count(const core::fwd_params<T>&) const { return *lists.tile_count; }
   template <class T>
   __device__ work_item<T> item(const core::fwd_params<T>& p, const sequence_desc* table, std::int64_t n) const {
     const list_tile tile = lists.tiles[n];

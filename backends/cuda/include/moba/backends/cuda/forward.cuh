@@ -27,7 +27,7 @@ namespace moba::backends::cuda {
 
 /// Where each part of the device workspace lies (byte offsets, 256-aligned) for one call.
 struct workspace_layout {
-  std::int64_t table = 0, tickets = 0, kbar = 0, sel = 0, lse2 = 0, counts = 0, start = 0, tile_start = 0, tile_list = 0, rows = 0, total = 0;
+  std::int64_t table = 0, tickets = 0, kbar = 0, sel = 0, lse2 = 0, counts = 0, start = 0, tile_count = 0, tile_list = 0, rows = 0, total = 0;
   std::int64_t zeroed = 0;                     // bytes from `tickets` that each call zeroes
   std::int64_t total_blocks = 0, passes = 0;  // history passes: the most history blocks any query has
   std::int64_t history_tiles = 0;             // bound on one pass's tiles: at most one partly filled per list
@@ -63,12 +63,14 @@ workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* 
   const std::int64_t row_heads = totals.row_offset * p.q_heads, keys = p.kv_heads * w.total_blocks;
   const bool tensor_cores = !std::is_same_v<T, float>;
   w.passes = tensor_cores && !p.full ? most_history : 0;
-  if (w.passes > 0)
+  if (w.passes > 0) {  // the row lists hold int32 keys, entries and offsets
     detail::require(keys < (std::int64_t{1} << 31), "moba::cuda: ", keys, " key blocks (times kv heads) is too many");
+    detail::require(row_heads < (std::int64_t{1} << 31), "moba::cuda: ", row_heads, " query rows (times heads) is too many");
+  }
   // One work ticket per attention launch (history passes, then the current blocks) and right after
   // them the slot counts: one memset zeroes both.
   if (tensor_cores) take(w.tickets, (w.passes + 1) * 4);
-  take(w.counts, w.passes * keys * 4);
+  take(w.counts, w.passes * keys * count_shards * 4);
   w.zeroed = tensor_cores ? at - w.tickets : 0;
   if (!p.full) {
     take(w.kbar, w.total_blocks * p.kv_heads * kbar_pieces * p.head_dim * 2);
@@ -76,8 +78,8 @@ workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* 
     if (w.passes > 0) {
       w.history_tiles = (row_heads + tile_rows - 1) / tile_rows + std::min(keys, row_heads);
       take(w.lse2, row_heads * 4);
-      take(w.start, w.passes * (keys + 1) * 8);
-      take(w.tile_start, w.passes * (keys + 1) * 8);
+      take(w.start, w.passes * keys * count_shards * 4);
+      take(w.tile_count, w.passes * 8);
       take(w.tile_list, w.passes * w.history_tiles * static_cast<std::int64_t>(sizeof(list_tile)));
       take(w.rows, row_heads * 4);
     }
@@ -264,21 +266,21 @@ struct backend_impl<cuda, Dtype> {
     namespace c = backends::cuda;
     const std::int64_t row_heads = table_[p.seqs.count].row_offset * p.q_heads, keys = p.kv_heads * w.total_blocks;
     auto* counts = reinterpret_cast<std::int32_t*>(ws + w.counts);
-    auto* start = reinterpret_cast<std::int64_t*>(ws + w.start);
-    auto* tile_start = reinterpret_cast<std::int64_t*>(ws + w.tile_start);
+    auto* start = reinterpret_cast<std::int32_t*>(ws + w.start);
+    auto* tile_count = reinterpret_cast<std::int64_t*>(ws + w.tile_count);
     auto* tile_list = reinterpret_cast<c::list_tile*>(ws + w.tile_list);
     auto* rows = reinterpret_cast<std::int32_t*>(ws + w.rows);
     const unsigned entry_grid = grid((row_heads + 255) / 256), tile_grid = persistent_grid(w.history_tiles);
     c::count_slots_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, w.passes, w.total_blocks, counts);
     c::check_launch("count_slots_kernel");
-    c::scan_slots_kernel<<<grid(w.passes), c::scan_threads, 0, stream_>>>(counts, keys, start, tile_start, tile_list,
+    c::scan_slots_kernel<<<grid(w.passes), c::scan_threads, 0, stream_>>>(counts, keys, start, tile_count, tile_list,
                                                                            w.history_tiles);
     c::check_launch("scan_slots_kernel");
+    const std::int64_t counters = keys * c::count_shards;
     for (std::int64_t slot = 0; slot < w.passes; ++slot) {
-      const c::slot_lists lists{start + slot * (keys + 1), tile_start + slot * (keys + 1),
-                                tile_list + slot * w.history_tiles, rows, w.total_blocks};
-      c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, lists.start,
-                                                                     counts + slot * keys, rows);
+      const c::slot_lists lists{tile_count + slot, tile_list + slot * w.history_tiles, rows, w.total_blocks};
+      c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, start + slot * counters,
+                                                                     counts + slot * counters, rows);
       c::check_launch("scatter_slot_kernel");
       const c::epilogue ep{reinterpret_cast<float*>(ws + w.lse2), slot > 0, false};
       c::attention_kernel<Dtype, D><<<tile_grid, c::attention_threads, c::attention_smem<Dtype, D>::launch_bytes, stream_>>>(

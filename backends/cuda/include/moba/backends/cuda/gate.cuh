@@ -35,21 +35,38 @@ template <class T>
 inline constexpr int q_pieces = std::is_same_v<T, bfloat16> ? 1 : std::is_same_v<T, float16> ? 2 : 3;
 inline constexpr int kbar_pieces = 3;
 
+/// Stages of kbar tiles: with three, the copy of tile s + 2 overlaps the products of tile s; two
+/// (a copy waited for at the end of each step) where a third would cost the second CTA per SM.
+template <class T>
+inline constexpr int gate_kbar_stages = q_pieces<T> == 1 ? 3 : 2;
+/// CTAs per SM the gate's shared memory allows, and so its register budget.
+template <class T>
+inline constexpr int gate_ctas_per_sm = q_pieces<T> <= 2 ? 2 : 1;
+
 /// Elements of T one load reads: 16 bytes for the 16-bit types (check() guarantees 16-byte rows), one float.
 template <class T>
 inline constexpr int load_width = sizeof(T) == 2 ? 8 : 1;
 
-/// Loads load_width<T> elements at `x` as floats.
+/// What one load reads: 16 bytes of a 16-bit type, or one float.
 template <class T>
-__device__ __forceinline__ void load_floats(const T* x, float (&f)[load_width<T>]) {
+using load_unit = std::conditional_t<load_width<T> == 8, uint4, T>;
+
+/// The load_width<T> elements of `raw` as floats.
+template <class T>
+__device__ __forceinline__ void unpack_floats(const load_unit<T>& raw, float (&f)[load_width<T>]) {
   if constexpr (load_width<T> == 8) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(x);
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int u = 0; u < 8; ++u) f[u] = to_float(e[u]);
   } else {
-    f[0] = to_float(*x);
+    f[0] = to_float(raw);
   }
+}
+
+/// Loads load_width<T> elements at `x` as floats.
+template <class T>
+__device__ __forceinline__ void load_floats(const T* x, float (&f)[load_width<T>]) {
+  unpack_floats<T>(*reinterpret_cast<const load_unit<T>*>(x), f);
 }
 
 /// kbar `[total_blocks, Hkv, kbar_pieces, D]` bf16 pieces of the fp32 block means: grid (total blocks,
@@ -139,14 +156,14 @@ __device__ __forceinline__ void sift_down(std::uint64_t* heap, int size, int n, 
   heap[n * tile_rows] = key;
 }
 
-/// Shared memory of the gate: the query tile's pieces, two stages of kbar pieces for gate_tile_blocks
+/// Shared memory of the gate: the query tile's pieces, gate_kbar_stages<T> stages of kbar pieces for gate_tile_blocks
 /// blocks (both stored like the attention tiles, swizzled_offset), two buffers of scores (a padded
 /// row per query) and, past the struct, each row's best (K−1) keys.
 template <class T, int D>
 struct gate_smem {
   static constexpr int score_pitch = gate_tile_blocks + 4;  // 16-byte rows, a warp's 16-byte reads conflict-free
   alignas(1024) bfloat16 q[q_pieces<T>][tile_rows * D];
-  alignas(1024) bfloat16 kbar[2][kbar_pieces][gate_tile_blocks * D];
+  alignas(1024) bfloat16 kbar[gate_kbar_stages<T>][kbar_pieces][gate_tile_blocks * D];
   alignas(16) float score[2][tile_rows * score_pitch];
 
   __device__ float* score_row(int buf, int r) { return score[buf] + r * score_pitch; }
@@ -166,7 +183,7 @@ inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads 
 /// rank_key values in a shared-memory min-heap whose root, kept as a register bar, rejects most
 /// blocks. Two score buffers let the scorers compute one tile while the rankers rank the previous.
 template <class T, int D>
-__global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
+__global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
                                                                   const bfloat16* kbar, std::int32_t* sel) {
   extern __shared__ unsigned char gate_raw[];
   auto& sm = *reinterpret_cast<gate_smem<T, D>*>((reinterpret_cast<std::uintptr_t>(gate_raw) + 1023) & ~std::uintptr_t{1023});
@@ -174,44 +191,64 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4, mi = lane / 8, mr = lane % 8;
   const std::int64_t h = blockIdx.y, kvh = p.kv_head(h);
   const std::int64_t s = find_sequence(table, p.seqs.count, blockIdx.x, [](const sequence_desc& e) { return e.tile_offset; });
-  const sequence_desc& e = table[s];
+  const sequence_desc e = table[s];  // a copy: stores to shared memory do not make it reload
   const std::int64_t i0 = (blockIdx.x - e.tile_offset) * tile_rows;
   const std::int64_t rows = e.seq.q_len - i0 < tile_rows ? e.seq.q_len - i0 : tile_rows;
   const std::int64_t c_last = core::current_block(e.seq.pos(i0 + rows - 1), p.block_size);
   const int tiles = static_cast<int>((c_last + gate_tile_blocks - 1) / gate_tile_blocks);
   const bool scorer = threadIdx.x >= gate_rankers;
-  auto load_kbar = [&](int stage, std::int64_t j0) {  // by the scorers; blocks at or past c_last read as zeros
+  auto load_kbar = [&](int tile) {  // by the scorers; blocks at or past c_last read as zeros
+    if (tile >= tiles) {  // an empty group keeps the wait counts of the steps uniform
+      cp_async_commit();
+      return;
+    }
+    const std::int64_t j0 = tile * static_cast<std::int64_t>(gate_tile_blocks);
     const std::int64_t stride = p.kv_heads * kbar_pieces * D;
     const bfloat16* first = kbar + (e.block_offset + j0) * stride + kvh * kbar_pieces * D;
     const int valid = static_cast<int>(c_last - j0 < gate_tile_blocks ? c_last - j0 : gate_tile_blocks);
     for (int n = 0; n < kbar_pieces; ++n)
-      load_tile_async<bfloat16, D, gate_tile_blocks, gate_scorers>(sm.kbar[stage][n], first + n * D, stride, valid);
+      load_tile_async<bfloat16, D, gate_tile_blocks, gate_scorers>(sm.kbar[tile % gate_kbar_stages<T>][n], first + n * D, stride, valid);
     cp_async_commit();
   };
-  if (scorer && tiles > 0) load_kbar(0, 0);
+  if (scorer)
+    for (int tile = 0; tile < gate_kbar_stages<T> - 1; ++tile) load_kbar(tile);
 
-  constexpr int w = load_width<T>;
+  // All of a thread's query loads are in flight before its first shared-memory store: a generic
+  // store may alias them, and would space them one DRAM round trip apart.
+  constexpr int w = load_width<T>, q_loads = tile_rows * D / w / attention_threads;
+  const T* q_first = row_ptr(p.q, e.seq.batch, e.seq.q_start + i0, h);
+  load_unit<T> raw[q_loads];
 #pragma unroll
-  for (int it = 0; it < tile_rows * D / w / attention_threads; ++it) {
+  for (int it = 0; it < q_loads; ++it) {
     const int x = threadIdx.x + it * attention_threads, r = x / (D / w), d = x % (D / w) * w;
-    float f[w] = {};
-    if (r < rows) load_floats(row_ptr(p.q, e.seq.batch, e.seq.q_start + i0 + r, h) + d, f);
-    alignas(16) bfloat16 piece[qp][w];
+    raw[it] = r < rows ? *reinterpret_cast<const load_unit<T>*>(q_first + r * p.q.stride[1] + d) : load_unit<T>{};
+  }
 #pragma unroll
-    for (int u = 0; u < w; ++u) {
-      bfloat16 one[qp];
-      split_bf16(f[u], one);
+  for (int it = 0; it < q_loads; ++it) {
+    const int x = threadIdx.x + it * attention_threads, r = x / (D / w), d = x % (D / w) * w;
+    // w consecutive elements lie in one 16-byte chunk of the swizzled row
+    auto at = [&](int n) { return reinterpret_cast<unsigned char*>(sm.q[n]) + swizzled_offset<tile_rows>(r, d); };
+    if constexpr (std::is_same_v<T, bfloat16>) {
+      *reinterpret_cast<uint4*>(at(0)) = raw[it];  // a bf16 query is its own single piece
+    } else {
+      float f[w];
+      unpack_floats<T>(raw[it], f);
+      alignas(16) bfloat16 piece[qp][w];
 #pragma unroll
-      for (int n = 0; n < qp; ++n) piece[n][u] = one[n];
-    }
+      for (int u = 0; u < w; ++u) {
+        bfloat16 one[qp];
+        split_bf16(f[u], one);
 #pragma unroll
-    for (int n = 0; n < qp; ++n) {  // w consecutive elements lie in one 16-byte chunk of the swizzled row
-      auto* at = reinterpret_cast<unsigned char*>(sm.q[n]) + swizzled_offset<tile_rows>(r, d);
-      if constexpr (w == 8) *reinterpret_cast<uint4*>(at) = *reinterpret_cast<const uint4*>(piece[n]);
-      else *reinterpret_cast<bfloat16*>(at) = piece[n][0];
+        for (int n = 0; n < qp; ++n) piece[n][u] = one[n];
+      }
+#pragma unroll
+      for (int n = 0; n < qp; ++n) {
+        if constexpr (w == 8) *reinterpret_cast<uint4*>(at(n)) = *reinterpret_cast<const uint4*>(piece[n]);
+        else *reinterpret_cast<bfloat16*>(at(n)) = piece[n][0];
+      }
     }
   }
-  cp_async_wait<0>();
+  cp_async_wait<gate_kbar_stages<T> - 2>();
   __syncthreads();  // the query pieces and the first kbar stage are in place
 
   // The ranker's row and its best keys so far: appended until there are `want`, then a min-heap
@@ -241,7 +278,7 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
 #pragma unroll
         for (int kn = 0; kn < kbar_pieces; ++kn) {
           std::uint32_t b[4];
-          ldmatrix_x4<false>(b, reinterpret_cast<const unsigned char*>(sm.kbar[buf][kn]) +
+          ldmatrix_x4<false>(b, reinterpret_cast<const unsigned char*>(sm.kbar[tile % gate_kbar_stages<T>][kn]) +
                                     swizzled_offset<gate_tile_blocks>((nt + mi / 2) * 8 + mr, ks * 16 + (mi % 2) * 8));
 #pragma unroll
           for (int qn = 0; qn < qp && qn + kn <= 2; ++qn)
@@ -301,14 +338,14 @@ __global__ void __launch_bounds__(attention_threads) gate_kernel(core::fwd_param
       }
     }
   };
-  // Step s: the scorers copy tile s + 1 into the other kbar stage and compute tile s into score
+  // Step s: the scorers copy tile s + 2 into the stage tile s − 1 used and compute tile s into score
   // buffer s % 2 while the rankers rank tile s − 1 from the other; __syncthreads alone hands the
   // scores and the landed stage over and frees what the next step overwrites.
   for (int step = 0; step <= tiles; ++step) {
     if (scorer && step < tiles) {
-      if (step + 1 < tiles) load_kbar((step + 1) % 2, (step + 1) * static_cast<std::int64_t>(gate_tile_blocks));
+      load_kbar(step + gate_kbar_stages<T> - 1);
       score_tile(step);
-      cp_async_wait<0>();
+      cp_async_wait<gate_kbar_stages<T> - 2>();  // tile step + 1 has landed
     }
     if (!scorer && step > 0) rank_tile(step - 1);
     __syncthreads();

@@ -2,8 +2,8 @@
 /// @file Selection slots -> per-block row lists (a counting sort). Slot s of a query is its s-th
 /// history block (ascending); a query appears at most once per slot, so the attention of one slot
 /// can merge each row's result into `out` without atomics. The counts and their scans cover every
-/// slot at once (small: slots × kv heads × blocks); the row lists, as large as the queries, one slot
-/// at a time.
+/// slot at once (small: slots × kv heads × blocks × count_shards); the row lists, as large as the
+/// queries, one slot at a time.
 #pragma once
 
 #include <cstdint>
@@ -16,34 +16,41 @@
 
 namespace moba::backends::cuda {
 
-/// Calls f(slot, i, h, key) for the (query i of sequence e, head h) of flat thread index x (over
-/// rows × Hq) and each of its history slots in [first, last); key = kvh · total_blocks + the block's
-/// global index.
+/// Each key's count is split over count_shards words, an entry counting in shard (x / 256) %
+/// count_shards: concurrent CTAs then add to different words (with one word per key, at 64 blocks
+/// per head, the atomics queued behind each other). A key's shards are adjacent: counter =
+/// key · count_shards + shard.
+inline constexpr int count_shards = 8;
+
+/// Calls f(slot, i, h, key, counter) for the (query i of sequence e, head h) of flat thread index x
+/// (over rows × Hq) and each of its history slots in [first, last); key = kvh · total_blocks + the
+/// block's global index.
 template <class T, class F>
 __device__ void for_slot_entries(const core::fwd_params<T>& p, const sequence_desc* table, const std::int32_t* sel,
                                  std::int64_t first, std::int64_t last, std::int64_t total_blocks, F f) {
   const std::int64_t x = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (x >= table[p.seqs.count].row_offset * p.q_heads) return;
-  const std::int64_t row = x / p.q_heads, h = x % p.q_heads;
+  const std::int64_t row = x / p.q_heads, h = x % p.q_heads, shard = x / 256 % count_shards;
   const std::int64_t s = find_sequence(table, p.seqs.count, row, [](const sequence_desc& e) { return e.row_offset; });
-  const sequence_desc& e = table[s];
+  const sequence_desc e = table[s];
   const std::int64_t i = row - e.row_offset;
   const std::int64_t c = core::current_block(e.seq.pos(i), p.block_size);
   const std::int64_t history = core::history_count(c, p.top_k, false), end = last < history ? last : history;
   const std::int64_t base = p.kv_head(h) * total_blocks + e.block_offset;
   for (std::int64_t slot = first; slot < end; ++slot) {
     const std::int32_t j = sel[x * p.top_k + slot];  // ascending: the history blocks come before c
-    if (j >= 0 && j < c) f(slot, i, h, base + j);
+    if (j >= 0 && j < c) f(slot, i, h, (base + j) * count_shards + shard);
   }
 }
 
-/// counts[slot · keys + key] = the rows whose history block in `slot` is `key`, for every slot.
+/// counts[slot · keys · count_shards + counter] = the rows of that counter whose history block in
+/// `slot` is its key, for every slot.
 template <class T>
 __global__ void count_slots_kernel(core::fwd_params<T> p, const sequence_desc* table, const std::int32_t* sel,
                                    std::int64_t slots, std::int64_t total_blocks, std::int32_t* counts) {
-  const std::int64_t keys = p.kv_heads * total_blocks;
-  for_slot_entries(p, table, sel, 0, slots, total_blocks, [&](std::int64_t slot, std::int64_t, std::int64_t, std::int64_t key) {
-    atomicAdd(&counts[slot * keys + key], 1);
+  const std::int64_t counters = p.kv_heads * total_blocks * count_shards;
+  for_slot_entries(p, table, sel, 0, slots, total_blocks, [&](std::int64_t slot, std::int64_t, std::int64_t, std::int64_t counter) {
+    atomicAdd(&counts[slot * counters + counter], 1);
   });
 }
 
@@ -54,62 +61,92 @@ struct list_tile {
   std::int32_t count;
 };
 
-/// CTA s (one per slot) of scan_threads, over that slot's rows of counts / start / tile_start
-/// (pitch n, n + 1, n + 1) and tiles (pitch tiles_pitch): start = exclusive prefix sum of
-/// counts[0, n), tile_start = the same of their tile_rows tile counts; both get the total at index
-/// n. tiles[t] describes tile t, so that an attention CTA finds its rows in one load.
 inline constexpr int scan_threads = 1024;
-template <class Count>  // a template so that every translation unit may define it (header-only)
-__global__ void __launch_bounds__(scan_threads) scan_slots_kernel(const Count* counts, std::int64_t n, std::int64_t* start,
-                                                                  std::int64_t* tile_start, list_tile* tiles_out,
-                                                                  std::int64_t tiles_pitch) {
-  counts += blockIdx.x * n;
-  start += blockIdx.x * (n + 1);
-  tile_start += blockIdx.x * (n + 1);
-  tiles_out += blockIdx.x * tiles_pitch;
-  __shared__ std::int64_t rows_part[scan_threads], tiles_part[scan_threads];
-  const int tid = threadIdx.x;
-  const std::int64_t chunk = (n + scan_threads - 1) / scan_threads;
-  const std::int64_t b = tid * chunk, e = b + chunk < n ? b + chunk : n;
-  auto tiles_of = [&](std::int64_t x) -> std::int64_t { return (counts[x] + tile_rows - 1) / tile_rows; };
-  std::int64_t rows = 0, tiles = 0;
-  for (std::int64_t x = b; x < e; ++x) {
-    rows += counts[x];
-    tiles += tiles_of(x);
+struct rows_tiles {
+  std::int64_t rows, tiles;
+};
+
+/// Inclusive sums of (rows, tiles) over the threads of a scan_threads CTA (warp shuffles, then the
+/// warp totals in `warp_sums`); `total` gets the CTA's sums. Every thread must call it.
+__device__ __forceinline__ rows_tiles scan_rows_tiles(rows_tiles v, rows_tiles* warp_sums, rows_tiles& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  auto warp_scan = [&](rows_tiles& x) {
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const std::int64_t r = __shfl_up_sync(~0u, x.rows, off), t = __shfl_up_sync(~0u, x.tiles, off);
+      if (lane >= off) x.rows += r, x.tiles += t;
+    }
+  };
+  warp_scan(v);
+  if (lane == 31) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    rows_tiles w = warp_sums[lane];
+    warp_scan(w);
+    warp_sums[lane] = w;
   }
-  rows_part[tid] = rows;
-  tiles_part[tid] = tiles;
-  for (int off = 1; off < scan_threads; off *= 2) {  // inclusive Hillis-Steele scan
-    __syncthreads();
-    const std::int64_t a = tid >= off ? rows_part[tid - off] : 0, t = tid >= off ? tiles_part[tid - off] : 0;
-    __syncthreads();
-    rows_part[tid] += a;
-    tiles_part[tid] += t;
-  }
-  rows = rows_part[tid] - rows;
-  tiles = tiles_part[tid] - tiles;
-  for (std::int64_t x = b; x < e; ++x) {
-    start[x] = rows;
-    tile_start[x] = tiles;
-    const std::int32_t count = static_cast<std::int32_t>(counts[x]);
-    for (std::int32_t done = 0; done < count; done += tile_rows)
-      tiles_out[tiles++] = {rows + done, static_cast<std::int32_t>(x), count - done < tile_rows ? count - done : tile_rows};
-    rows += count;
-  }
-  if (tid == scan_threads - 1) {
-    start[n] = rows_part[tid];
-    tile_start[n] = tiles_part[tid];
-  }
+  __syncthreads();
+  if (warp > 0) v.rows += warp_sums[warp - 1].rows, v.tiles += warp_sums[warp - 1].tiles;
+  total = warp_sums[scan_threads / 32 - 1];
+  __syncthreads();  // warp_sums is free for the next call
+  return v;
 }
 
-/// rows[start[key] + ...] = i · Hq + h for the entries of one slot (start, counts: that slot's rows);
-/// counts run down to zero as the cursor.
+/// CTA s (one per slot) of scan_threads, over that slot's counts and start (keys · count_shards
+/// each) and tiles (pitch tiles_pitch), a thread per key in passes of scan_threads keys (coalesced):
+/// start = exclusive prefix sum of the counts, so that a key's rows are contiguous; tiles[t]
+/// describes tile t of the lists (tile_rows rows of one key), so that an attention CTA finds its
+/// rows in one load; tile_count[s] = the slot's tiles.
+template <class Count>  // a template so that every translation unit may define it (header-only)
+__global__ void __launch_bounds__(scan_threads) scan_slots_kernel(const Count* counts, std::int64_t keys, std::int32_t* start,
+                                                                  std::int64_t* tile_count, list_tile* tiles_out,
+                                                                  std::int64_t tiles_pitch) {
+  counts += blockIdx.x * keys * count_shards;
+  start += blockIdx.x * keys * count_shards;
+  tiles_out += blockIdx.x * tiles_pitch;
+  __shared__ rows_tiles warp_sums[scan_threads / 32];
+  rows_tiles before{0, 0};  // the sums of the earlier passes
+  for (std::int64_t x0 = 0; x0 < keys; x0 += scan_threads) {
+    const std::int64_t x = x0 + threadIdx.x;
+    alignas(16) std::int32_t n[count_shards] = {};
+    if (x < keys)
+#pragma unroll
+      for (int v = 0; v < count_shards / 4; ++v)  // 16-byte loads: a key's shards are 32-byte aligned
+        reinterpret_cast<int4*>(n)[v] = reinterpret_cast<const int4*>(counts + x * count_shards)[v];
+    std::int64_t rows = 0;
+    for (const std::int32_t shard : n) rows += shard;
+    const std::int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+    rows_tiles total;
+    const rows_tiles end = scan_rows_tiles({rows, tiles}, warp_sums, total);
+    if (x < keys) {
+      const std::int64_t first = before.rows + end.rows - rows;
+      alignas(16) std::int32_t at[count_shards];
+      std::int64_t next = first;
+      for (int shard = 0; shard < count_shards; ++shard) {
+        at[shard] = static_cast<std::int32_t>(next);
+        next += n[shard];
+      }
+#pragma unroll
+      for (int v = 0; v < count_shards / 4; ++v)
+        reinterpret_cast<int4*>(start + x * count_shards)[v] = reinterpret_cast<const int4*>(at)[v];
+      std::int64_t tile = before.tiles + end.tiles - tiles;
+      for (std::int64_t done = 0; done < rows; done += tile_rows)
+        tiles_out[tile++] = {first + done, static_cast<std::int32_t>(x), static_cast<std::int32_t>(rows - done < tile_rows ? rows - done : tile_rows)};
+    }
+    before.rows += total.rows;
+    before.tiles += total.tiles;
+  }
+  if (threadIdx.x == 0) tile_count[blockIdx.x] = before.tiles;
+}
+
+/// rows[start[counter] + ...] = i · Hq + h for the entries of one slot (start, counts: that slot's
+/// counters); counts run down to zero as the cursor.
 template <class T>
 __global__ void scatter_slot_kernel(core::fwd_params<T> p, const sequence_desc* table, const std::int32_t* sel,
-                                    std::int64_t slot, std::int64_t total_blocks, const std::int64_t* start,
+                                    std::int64_t slot, std::int64_t total_blocks, const std::int32_t* start,
                                     std::int32_t* counts, std::int32_t* rows) {
-  for_slot_entries(p, table, sel, slot, slot + 1, total_blocks, [&](std::int64_t, std::int64_t i, std::int64_t h, std::int64_t key) {
-    rows[start[key] + atomicSub(&counts[key], 1) - 1] = static_cast<std::int32_t>(i * p.q_heads + h);
+  for_slot_entries(p, table, sel, slot, slot + 1, total_blocks, [&](std::int64_t, std::int64_t i, std::int64_t h, std::int64_t counter) {
+    rows[start[counter] + atomicSub(&counts[counter], 1) - 1] = static_cast<std::int32_t>(i * p.q_heads + h);
   });
 }
 
