@@ -218,7 +218,10 @@ struct backend_impl<cuda, Dtype> {
             c::check_launch("block_means_kernel");
             const auto smem = static_cast<int>(c::gate_smem<Dtype, D>::launch_bytes(p.top_k));
             MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            c::gate_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(p, table, kbar, sel);
+            const c::slot_tally tally{w.passes > 0 ? reinterpret_cast<std::int32_t*>(ws + w.counts) : nullptr,
+                                      p.kv_heads * w.total_blocks * c::count_shards, w.total_blocks};
+            c::gate_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(p, table, kbar, sel,
+                                                                                                                    tally);
             c::check_launch("gate_kernel");
           },
           [] {});
@@ -257,8 +260,9 @@ struct backend_impl<cuda, Dtype> {
   }
 
  private:
-  /// Count and scan every slot's rows per (kv head, block); then slot by slot, list the rows and
-  /// attend each list to its block, merging into out and the log2-sum-exp buffer (slot 0 writes them first).
+  /// Scan every slot's rows per (kv head, block), which the gate counted; then slot by slot, list the
+  /// rows and attend each list to its block, merging into out and the log2-sum-exp buffer (slot 0
+  /// writes them first).
   template <int D>
   void history_passes(const core::fwd_params<Dtype>& p, const backends::cuda::workspace_layout& w,
                       const backends::cuda::sequence_desc* table, const std::int32_t* sel, unsigned char* ws,
@@ -271,8 +275,6 @@ struct backend_impl<cuda, Dtype> {
     auto* tile_list = reinterpret_cast<c::list_tile*>(ws + w.tile_list);
     auto* rows = reinterpret_cast<std::int32_t*>(ws + w.rows);
     const unsigned entry_grid = grid((row_heads + 255) / 256), tile_grid = persistent_grid(w.history_tiles);
-    c::count_slots_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, w.passes, w.total_blocks, counts);
-    c::check_launch("count_slots_kernel");
     c::scan_slots_kernel<<<grid(w.passes), c::scan_threads, 0, stream_>>>(counts, keys, start, tile_count, tile_list,
                                                                            w.history_tiles);
     c::check_launch("scan_slots_kernel");

@@ -9,6 +9,7 @@
 #include <moba/backends/cuda/element.cuh>
 #include <moba/backends/cuda/mma_sm80.cuh>
 #include <moba/backends/cuda/sequences.hpp>
+#include <moba/backends/cuda/slots.cuh>
 #include <moba/backends/cuda/tile_size.hpp>
 #include <moba/core/blocks.hpp>
 #include <moba/core/gate.hpp>
@@ -184,7 +185,7 @@ inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads 
 /// blocks. Two score buffers let the scorers compute one tile while the rankers rank the previous.
 template <class T, int D>
 __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
-                                                                  const bfloat16* kbar, std::int32_t* sel) {
+                                                                  const bfloat16* kbar, std::int32_t* sel, slot_tally tally) {
   extern __shared__ unsigned char gate_raw[];
   auto& sm = *reinterpret_cast<gate_smem<T, D>*>((reinterpret_cast<std::uintptr_t>(gate_raw) + 1023) & ~std::uintptr_t{1023});
   constexpr int qp = q_pieces<T>;
@@ -355,10 +356,12 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>) gate_k
     // SPEC output order is ascending: a history block's place is the number of smaller ones, and the
     // current block comes after them all (no local-memory sort).
     auto block = [&](int n) { return key_block(best[n * tile_rows]); };
+    const std::int64_t x = (e.row_offset + i0 + row) * p.q_heads + h, first_key = kvh * tally.total_blocks + e.block_offset;
     for (int n = 0; n < want; ++n) {
       int place = 0;
       for (int m = 0; m < want; ++m) place += block(m) < block(n);
       store_selection(p, e, i0 + row, h, place, block(n), sel);
+      if (tally.counts != nullptr) atomicAdd(&tally.counts[place * tally.counters + slot_counter(x, first_key + block(n))], 1);
     }
     const std::int64_t width = p.selected.given() && p.selected.extent[3] > p.top_k ? p.selected.extent[3] : p.top_k;
     for (std::int64_t w = want; w < width; ++w) store_selection(p, e, i0 + row, h, w, w == want ? static_cast<std::int32_t>(c) : -1, sel);

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: MIT
 /// @file Selection slots -> per-block row lists (a counting sort). Slot s of a query is its s-th
 /// history block (ascending); a query appears at most once per slot, so the attention of one slot
-/// can merge each row's result into `out` without atomics. The counts and their scans cover every
-/// slot at once (small: slots × kv heads × blocks × count_shards); the row lists, as large as the
-/// queries, one slot at a time.
+/// can merge each row's result into `out` without atomics. The gate counts every slot's rows as it
+/// selects them (slot_tally), and one launch scans the counts of all slots (small: slots × kv heads
+/// × blocks × count_shards); the row lists, as large as the queries, are built one slot at a time.
 #pragma once
 
 #include <cstdint>
@@ -16,42 +16,38 @@
 
 namespace moba::backends::cuda {
 
-/// Each key's count is split over count_shards words, an entry counting in shard (x / 256) %
-/// count_shards: concurrent CTAs then add to different words (with one word per key, at 64 blocks
-/// per head, the atomics queued behind each other). A key's shards are adjacent: counter =
-/// key · count_shards + shard.
+/// Each key's count is split over count_shards words, entry x = row · Hq + h counting in shard
+/// (x / 256) % count_shards: concurrent CTAs then add to different words (with one word per key,
+/// at 64 blocks per head, the atomics queued behind each other). A key's shards are adjacent.
 inline constexpr int count_shards = 8;
+__device__ __forceinline__ std::int64_t slot_counter(std::int64_t x, std::int64_t key) {
+  return key * count_shards + x / 256 % count_shards;
+}
 
-/// Calls f(slot, i, h, key, counter) for the (query i of sequence e, head h) of flat thread index x
-/// (over rows × Hq) and each of its history slots in [first, last); key = kvh · total_blocks + the
-/// block's global index.
+/// Where the gate counts, as it writes each row's selection, the rows of every slot per key:
+/// counts[slot · counters + slot_counter(x, key)], key = kvh · total_blocks + the block's global
+/// index. Null counts: nothing is counted (mode full, or no history slots).
+struct slot_tally {
+  std::int32_t* counts;
+  std::int64_t counters;  // per slot: kv heads × total_blocks × count_shards
+  std::int64_t total_blocks;
+};
+
+/// Calls f(i, h, counter) for the (query i of sequence e, head h) of flat thread index x (over
+/// rows × Hq) if it has a history block in `slot`.
 template <class T, class F>
-__device__ void for_slot_entries(const core::fwd_params<T>& p, const sequence_desc* table, const std::int32_t* sel,
-                                 std::int64_t first, std::int64_t last, std::int64_t total_blocks, F f) {
+__device__ void for_slot_entry(const core::fwd_params<T>& p, const sequence_desc* table, const std::int32_t* sel,
+                               std::int64_t slot, std::int64_t total_blocks, F f) {
   const std::int64_t x = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (x >= table[p.seqs.count].row_offset * p.q_heads) return;
-  const std::int64_t row = x / p.q_heads, h = x % p.q_heads, shard = x / 256 % count_shards;
+  const std::int64_t row = x / p.q_heads, h = x % p.q_heads;
   const std::int64_t s = find_sequence(table, p.seqs.count, row, [](const sequence_desc& e) { return e.row_offset; });
   const sequence_desc e = table[s];
   const std::int64_t i = row - e.row_offset;
   const std::int64_t c = core::current_block(e.seq.pos(i), p.block_size);
-  const std::int64_t history = core::history_count(c, p.top_k, false), end = last < history ? last : history;
-  const std::int64_t base = p.kv_head(h) * total_blocks + e.block_offset;
-  for (std::int64_t slot = first; slot < end; ++slot) {
-    const std::int32_t j = sel[x * p.top_k + slot];  // ascending: the history blocks come before c
-    if (j >= 0 && j < c) f(slot, i, h, (base + j) * count_shards + shard);
-  }
-}
-
-/// counts[slot · keys · count_shards + counter] = the rows of that counter whose history block in
-/// `slot` is its key, for every slot.
-template <class T>
-__global__ void count_slots_kernel(core::fwd_params<T> p, const sequence_desc* table, const std::int32_t* sel,
-                                   std::int64_t slots, std::int64_t total_blocks, std::int32_t* counts) {
-  const std::int64_t counters = p.kv_heads * total_blocks * count_shards;
-  for_slot_entries(p, table, sel, 0, slots, total_blocks, [&](std::int64_t slot, std::int64_t, std::int64_t, std::int64_t counter) {
-    atomicAdd(&counts[slot * counters + counter], 1);
-  });
+  if (slot >= core::history_count(c, p.top_k, false)) return;
+  const std::int32_t j = sel[x * p.top_k + slot];  // ascending: the history blocks come before c
+  if (j >= 0 && j < c) f(i, h, slot_counter(x, p.kv_head(h) * total_blocks + e.block_offset + j));
 }
 
 /// One tile of a slot's row lists: rows[first, first + count) of the list of key `key`.
@@ -145,7 +141,7 @@ template <class T>
 __global__ void scatter_slot_kernel(core::fwd_params<T> p, const sequence_desc* table, const std::int32_t* sel,
                                     std::int64_t slot, std::int64_t total_blocks, const std::int32_t* start,
                                     std::int32_t* counts, std::int32_t* rows) {
-  for_slot_entries(p, table, sel, slot, slot + 1, total_blocks, [&](std::int64_t, std::int64_t i, std::int64_t h, std::int64_t counter) {
+  for_slot_entry(p, table, sel, slot, total_blocks, [&](std::int64_t i, std::int64_t h, std::int64_t counter) {
     rows[start[counter] + atomicSub(&counts[counter], 1) - 1] = static_cast<std::int32_t>(i * p.q_heads + h);
   });
 }
