@@ -157,9 +157,9 @@ __device__ __forceinline__ void sift_down(std::uint64_t* heap, int size, int n, 
   heap[n * tile_rows] = key;
 }
 
-/// Shared memory of the gate: the query tile's pieces, gate_kbar_stages<T> stages of kbar pieces for gate_tile_blocks
-/// blocks (both stored like the attention tiles, swizzled_offset), two buffers of scores (a padded
-/// row per query) and, past the struct, each row's best (K−1) keys.
+/// Shared memory of the gate: the query tile's pieces, gate_kbar_stages<T> stages of kbar pieces for
+/// gate_tile_blocks blocks (both stored like the attention tiles, swizzled_offset), two buffers of
+/// scores (a padded row per query) and, past the struct, each row's best (K−1) keys.
 template <class T, int D>
 struct gate_smem {
   static constexpr int score_pitch = gate_tile_blocks + 4;  // 16-byte rows, a warp's 16-byte reads conflict-free
@@ -183,9 +183,10 @@ inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads 
 /// scores to a shared-memory buffer; one ranker thread per row keeps the row's best K−1 as
 /// rank_key values in a shared-memory min-heap whose root, kept as a register bar, rejects most
 /// blocks. Two score buffers let the scorers compute one tile while the rankers rank the previous.
+/// With a tally, each row is also counted in its slots as its selection is written (slots.cuh).
 template <class T, int D>
-__global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>) gate_kernel(core::fwd_params<T> p, const sequence_desc* table,
-                                                                  const bfloat16* kbar, std::int32_t* sel, slot_tally tally) {
+__global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
+    gate_kernel(core::fwd_params<T> p, const sequence_desc* table, const bfloat16* kbar, std::int32_t* sel, slot_tally tally) {
   extern __shared__ unsigned char gate_raw[];
   auto& sm = *reinterpret_cast<gate_smem<T, D>*>((reinterpret_cast<std::uintptr_t>(gate_raw) + 1023) & ~std::uintptr_t{1023});
   constexpr int qp = q_pieces<T>;
