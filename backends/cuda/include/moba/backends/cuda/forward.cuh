@@ -31,6 +31,7 @@ struct workspace_layout {
   std::int64_t zeroed = 0;                     // bytes from `tickets` that each call zeroes
   std::int64_t total_blocks = 0, passes = 0;  // history passes: the most history blocks any query has
   std::int64_t history_tiles = 0;             // bound on one pass's tiles: at most one partly filled per list
+  std::int64_t counters = 0;                  // slot counts per slot: kv heads × total_blocks × count_shards
 };
 
 inline std::int64_t align256(std::int64_t n) { return (n + 255) / 256 * 256; }
@@ -70,7 +71,8 @@ workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* 
   // One work ticket per attention launch (history passes, then the current blocks) and right after
   // them the slot counts: one memset zeroes both.
   if (tensor_cores) take(w.tickets, (w.passes + 1) * 4);
-  take(w.counts, w.passes * keys * count_shards * 4);
+  w.counters = keys * count_shards;
+  take(w.counts, w.passes * w.counters * 4);
   w.zeroed = tensor_cores ? at - w.tickets : 0;
   if (!p.full) {
     take(w.kbar, w.total_blocks * p.kv_heads * kbar_pieces * p.head_dim * 2);
@@ -78,7 +80,7 @@ workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* 
     if (w.passes > 0) {
       w.history_tiles = (row_heads + tile_rows - 1) / tile_rows + std::min(keys, row_heads);
       take(w.lse2, row_heads * 4);
-      take(w.start, w.passes * keys * count_shards * 4);
+      take(w.start, w.passes * w.counters * 4);
       take(w.tile_count, w.passes * 8);
       take(w.tile_list, w.passes * w.history_tiles * static_cast<std::int64_t>(sizeof(list_tile)));
       take(w.rows, row_heads * 4);
@@ -219,7 +221,7 @@ struct backend_impl<cuda, Dtype> {
             const auto smem = static_cast<int>(c::gate_smem<Dtype, D>::launch_bytes(p.top_k));
             MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
             const c::slot_tally tally{w.passes > 0 ? reinterpret_cast<std::int32_t*>(ws + w.counts) : nullptr,
-                                      p.kv_heads * w.total_blocks * c::count_shards, w.total_blocks};
+                                      w.counters, w.total_blocks};
             c::gate_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(p, table, kbar, sel,
                                                                                                                     tally);
             c::check_launch("gate_kernel");
@@ -278,11 +280,10 @@ struct backend_impl<cuda, Dtype> {
     c::scan_slots_kernel<<<grid(w.passes), c::scan_threads, 0, stream_>>>(counts, keys, start, tile_count, tile_list,
                                                                            w.history_tiles);
     c::check_launch("scan_slots_kernel");
-    const std::int64_t counters = keys * c::count_shards;
     for (std::int64_t slot = 0; slot < w.passes; ++slot) {
       const c::slot_lists lists{tile_count + slot, tile_list + slot * w.history_tiles, rows, w.total_blocks};
-      c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, start + slot * counters,
-                                                                     counts + slot * counters, rows);
+      c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, start + slot * w.counters,
+                                                                     counts + slot * w.counters, rows);
       c::check_launch("scatter_slot_kernel");
       const c::epilogue ep{reinterpret_cast<float*>(ws + w.lse2), slot > 0, false};
       c::attention_kernel<Dtype, D><<<tile_grid, c::attention_threads, c::attention_smem<Dtype, D>::launch_bytes, stream_>>>(

@@ -357,12 +357,13 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
     // SPEC output order is ascending: a history block's place is the number of smaller ones, and the
     // current block comes after them all (no local-memory sort).
     auto block = [&](int n) { return key_block(best[n * tile_rows]); };
-    const std::int64_t x = (e.row_offset + i0 + row) * p.q_heads + h, first_key = kvh * tally.total_blocks + e.block_offset;
+    const std::int64_t x = (e.row_offset + i0 + row) * p.q_heads + h;
     for (int n = 0; n < want; ++n) {
       int place = 0;
       for (int m = 0; m < want; ++m) place += block(m) < block(n);
       store_selection(p, e, i0 + row, h, place, block(n), sel);
-      if (tally.counts != nullptr) atomicAdd(&tally.counts[place * tally.counters + slot_counter(x, first_key + block(n))], 1);
+      if (tally.counts != nullptr)
+        atomicAdd(&tally.counts[place * tally.counters + slot_counter(x, list_key(kvh, tally.total_blocks, e, block(n)))], 1);
     }
     const std::int64_t width = p.selected.given() && p.selected.extent[3] > p.top_k ? p.selected.extent[3] : p.top_k;
     for (std::int64_t w = want; w < width; ++w) store_selection(p, e, i0 + row, h, w, w == want ? static_cast<std::int32_t>(c) : -1, sel);

@@ -24,9 +24,14 @@ __device__ __forceinline__ std::int64_t slot_counter(std::int64_t x, std::int64_
   return key * count_shards + x / 256 % count_shards;
 }
 
+/// The list key of block j of sequence e for kv head kvh: kvh · total_blocks + the block's global index.
+__device__ __forceinline__ std::int64_t list_key(std::int64_t kvh, std::int64_t total_blocks, const sequence_desc& e,
+                                                 std::int64_t j) {
+  return kvh * total_blocks + e.block_offset + j;
+}
+
 /// Where the gate counts, as it writes each row's selection, the rows of every slot per key:
-/// counts[slot · counters + slot_counter(x, key)], key = kvh · total_blocks + the block's global
-/// index. Null counts: nothing is counted (mode full, or no history slots).
+/// counts[slot · counters + slot_counter(x, list_key(...))]. Null counts: nothing is counted (mode full, or no history slots).
 struct slot_tally {
   std::int32_t* counts;
   std::int64_t counters;  // per slot: kv heads × total_blocks × count_shards
@@ -47,7 +52,7 @@ __device__ void for_slot_entry(const core::fwd_params<T>& p, const sequence_desc
   const std::int64_t c = core::current_block(e.seq.pos(i), p.block_size);
   if (slot >= core::history_count(c, p.top_k, false)) return;
   const std::int32_t j = sel[x * p.top_k + slot];  // ascending: the history blocks come before c
-  if (j >= 0 && j < c) f(i, h, slot_counter(x, p.kv_head(h) * total_blocks + e.block_offset + j));
+  if (j >= 0 && j < c) f(i, h, slot_counter(x, list_key(p.kv_head(h), total_blocks, e, j)));
 }
 
 /// One tile of a slot's row lists: rows[first, first + count) of the list of key `key`.
