@@ -30,7 +30,6 @@ struct row_meta {
   std::int32_t head[tile_rows];   // its query head
   std::uint8_t merge[tile_rows];  // out and lse2 hold an earlier pass's result for the row
   float old_lse2[tile_rows];      // that result's log2-sum-exp (merging rows; copied ahead)
-  std::int64_t warp_lo[attention_threads / 32], warp_hi[attention_threads / 32];  // per-warp key span
 };
 
 /// The keys and values of one kv head of a sequence: their first rows and row strides.
@@ -95,7 +94,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-/// S (this thread's share of the group's rows × tile_keys) = Q · K^T of stage `buf`.
+/// S (this thread's share of the group's rows × tile_keys) = Q · K^T of stage `buf`. wgmma: issued
+/// as one group, complete after wait_products.
 template <class T, int D>
 __device__ __forceinline__ void tile_scores(const attention_smem<T, D>& sm, int buf, float (&s)[tile_keys / 2]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -109,7 +109,6 @@ __device__ __forceinline__ void tile_scores(const attention_smem<T, D>& sm, int 
     wgmma<tile_keys, T>::ss(s, wgmma_desc(q + (ks / 4) * tile_rows * 128 + (ks % 4) * 32, 16, 1024),
                             wgmma_desc(k + (ks / 4) * tile_keys * 128 + (ks % 4) * 32, 16, 1024), ks > 0);
   wgmma_commit();
-  wgmma_wait<0>();
 #else
   const int mi = lane / 8, mr = lane % 8;  // ldmatrix: this lane addresses row mr of matrix mi
   const auto* q = reinterpret_cast<const unsigned char*>(sm.q);
@@ -131,7 +130,8 @@ __device__ __forceinline__ void tile_scores(const attention_smem<T, D>& sm, int 
 #endif
 }
 
-/// O += P · V of stage `buf`; pa holds P as the A fragments of 16-key steps.
+/// O += P · V of stage `buf`; pa holds P as the A fragments of 16-key steps. wgmma: issued as one
+/// group, complete after wait_products.
 template <class T, int D>
 __device__ __forceinline__ void tile_values(const attention_smem<T, D>& sm, int buf,
                                             const std::uint32_t (&pa)[tile_keys / 16][4], float (&o)[D / 2]) {
@@ -142,7 +142,6 @@ __device__ __forceinline__ void tile_values(const attention_smem<T, D>& sm, int 
   for (int kc = 0; kc < tile_keys / 16; ++kc)
     wgmma<D, T>::rs_mn(o, pa[kc], wgmma_desc(v + kc * 16 * 128, tile_keys * 128, 1024), 1);
   wgmma_commit();
-  wgmma_wait<0>();
 #else
   const int lane = threadIdx.x % 32, mi = lane / 8, mr = lane % 8;
 #pragma unroll
@@ -157,32 +156,53 @@ __device__ __forceinline__ void tile_values(const attention_smem<T, D>& sm, int 
 #endif
 }
 
+/// Waits until at most `Pending` of the warpgroup's issued products still run (wgmma; mma.sync
+/// products complete as they issue), then pins `acc` after the wait: its registers hold the results.
+template <int Pending, int N>
+__device__ __forceinline__ void wait_products(float (&acc)[N]) {
+#if defined(MOBA_CUDA_WGMMA)
+  wgmma_wait<Pending>();
+#endif
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+}
+
 /// Where kv head kvh's keys and values of a sequence start.
 template <class T>
 __device__ __forceinline__ kv_rows<T> kv_source(const core::fwd_params<T>& p, const sequence_info& seq, std::int64_t kvh) {
   return {row_ptr(p.k, seq.batch, seq.k_start, kvh), row_ptr(p.v, seq.batch, seq.k_start, kvh), p.k.stride[1], p.v.stride[1]};
 }
 
-/// Issues the copy of the key and value tile starting at key k0 into stage `buf`, as one cp.async
-/// group; keys at or past k_end read as zeros.
+/// Issue the copy of the key (value) tile starting at key k0 into stage `buf`; keys at or past k_end
+/// read as zeros. The caller commits the cp.async group.
 template <class T, int D>
-__device__ __forceinline__ void load_kv_async(attention_smem<T, D>& sm, const kv_rows<T>& src, int buf, std::int64_t k0,
-                                              std::int64_t k_end) {
+__device__ __forceinline__ void load_keys(attention_smem<T, D>& sm, const kv_rows<T>& src, int buf, std::int64_t k0,
+                                          std::int64_t k_end) {
   const int valid = static_cast<int>(k_end - k0 < tile_keys ? k_end - k0 : tile_keys);
   load_tile_async<T, D, tile_keys>(sm.k[buf], src.k + k0 * src.k_stride, src.k_stride, valid);
+}
+template <class T, int D>
+__device__ __forceinline__ void load_values(attention_smem<T, D>& sm, const kv_rows<T>& src, int buf, std::int64_t k0,
+                                            std::int64_t k_end) {
+  const int valid = static_cast<int>(k_end - k0 < tile_keys ? k_end - k0 : tile_keys);
   load_tile_async<T, D, tile_keys>(sm.v[buf], src.v + k0 * src.v_stride, src.v_stride, valid);
-  cp_async_commit();
 }
 
 /// Attends the CTA's query tile (sm.q with the rows `m`) to keys [k_begin, k_end) of `src` (at least
 /// one), each row to its own [lo, hi) only, by online softmax (SPEC §Attention). Every thread of the
-/// CTA calls it. The caller has issued, as cp.async groups in this order, the first key tile into
-/// stage `buf`, the query tile, and one more group the first tile need not wait for. Key tiles are
-/// double-buffered: the copy of tile n + 1 runs while tile n is computed; during the last tile,
-/// `after_last(free stage)` may issue the next work item's first one. Returns the last tile's stage.
-template <class T, int D, class AfterLast>
+/// CTA calls it. The caller has issued, as cp.async groups in this order, the first key and value
+/// tiles into stage `buf`, the query tile, and one more group the first tile need not wait for.
+///
+/// Step n computes the scores of key tile n and, meanwhile, the product P·V of tile n − 1 (one
+/// more step does the last tile's), so that the softmax overlaps a running product (FA3's
+/// intra-warpgroup pipelining). Tiles are double-buffered with the values one step behind the keys:
+/// step n copies keys n + 1 and values n, into stages whose previous tiles steps before it finished.
+/// The last steps copy `next`'s first keys and values (the next work item's, if any) the same way.
+/// Returns the stage of that next first tile. Leaves two cp.async groups (`next`'s tiles,
+/// empty without one) uncompleted.
+template <class T, int D>
 __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv_rows<T>& src, std::int64_t k_begin,
-                           std::int64_t k_end, float scale_log2, row_state<D>& st, int buf, AfterLast after_last) {
+                           std::int64_t k_end, float scale_log2, row_state<D>& st, int buf, const work_item<T>* next) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   const int r0 = warp * 16 + lane / 4;
   const std::int64_t lo[2] = {m.lo[r0], m.lo[r0 + 8]}, hi[2] = {m.hi[r0], m.hi[r0 + 8]};
@@ -198,90 +218,117 @@ __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv
     lo_max = a > lo_max ? a : lo_max;
     hi_min = b < hi_min ? b : hi_min;
   }
-  // The span of keys the group issuing one matrix instruction needs (a warpgroup for wgmma).
-#if defined(MOBA_CUDA_WGMMA)
-  constexpr int group_warps = 4;
-#else
-  constexpr int group_warps = 1;
-#endif
-  std::int64_t span_lo = INT64_MAX, span_hi = INT64_MIN;
-  for (int w = warp / group_warps * group_warps; w < (warp / group_warps + 1) * group_warps; ++w) {
-    span_lo = m.warp_lo[w] < span_lo ? m.warp_lo[w] : span_lo;
-    span_hi = m.warp_hi[w] > span_hi ? m.warp_hi[w] : span_hi;
-  }
 
-  for (std::int64_t k0 = k_begin;; k0 += tile_keys, buf ^= 1) {
-    if (k0 == k_begin) cp_async_wait<1>();
-    else cp_async_wait<0>();
+  const std::int64_t tiles = (k_end - k_begin + tile_keys - 1) / tile_keys;
+  // Step n (0..tiles; step `tiles` only drains): waits for its copies, then issues the next ones
+  // into stages that steps before it finished.
+  const auto begin_step = [&](std::int64_t n) {
+    if (n > 0 && n < tiles) cp_async_wait<0>();
+    else cp_async_wait<1>();  // not the old rows (first step), not next's first keys (drain)
     fence_async_shared();
-    __syncthreads();  // tile k0 is visible, and every warp is done with the previous tile's stage ...
-    const bool last = k0 + tile_keys >= k_end;
-    if (!last) load_kv_async(sm, src, buf ^ 1, k0 + tile_keys, k_end);  // ... the next tile refills
-    else after_last(buf ^ 1);
-    const bool active = k0 < span_hi && k0 + tile_keys > span_lo;  // uniform over the group
+    __syncthreads();  // the copies are visible; every warp is done with the stages they refill below
+    const std::int64_t k0 = k_begin + n * tile_keys;
+    if (n < tiles) {
+      if (n + 1 < tiles) load_keys(sm, src, buf ^ 1, k0 + tile_keys, k_end);
+      if (n > 0) load_values(sm, src, buf, k0, k_end);
+      cp_async_commit();
+    }
+    if (n + 1 == tiles && next != nullptr) load_keys(sm, next->src, buf ^ 1, next->k_begin, next->k_end);
+    if (n == tiles && next != nullptr) load_values(sm, next->src, buf, next->k_begin, next->k_end);
+    if (n + 1 >= tiles) cp_async_commit();
+  };
 #if defined(MOBA_CUDA_WGMMA)
-    // Stagger the two warpgroups by one product: the second computes its scores while the first
-    // runs its softmax, so tensor cores and the exp unit work at the same time. The first meets the
-    // barrier after its scores, the second before its own; the second is already waiting there, so
-    // a sync costs the first nothing (and compute-sanitizer racecheck misreads bar.arrive).
-    if (warp >= 4 || !active) named_barrier_sync<1>(attention_threads);
+  // Stagger the two warpgroups by one product: the second issues its products once the first's
+  // scores are done, so tensor cores and the exp unit work at the same time. The first meets the
+  // barrier after its scores, the second before its own; the second is already waiting there, so
+  // a sync costs the first nothing (and compute-sanitizer racecheck misreads bar.arrive).
+  const auto stagger = [&](bool scores_done) {
+    if ((warp < 4) == scores_done) named_barrier_sync<1>(attention_threads);
+  };
+#else
+  const auto stagger = [](bool) {};
 #endif
-    if (active) {
-      float s[tile_keys / 2];
-      tile_scores(sm, buf, s);
-#if defined(MOBA_CUDA_WGMMA)
-      if (warp < 4) named_barrier_sync<1>(attention_threads);
-#endif
+  float s[tile_keys / 2];  // the scores of tile n, then its P (fp32)
+  float alpha[2];          // how much the rows' running max rose at tile n
+  // P = 2^(S·scale − running max) of the tile at k0, with the rows' max and sum brought up to date.
+  const auto softmax = [&](std::int64_t k0) {
 #pragma unroll
-      for (int e = 0; e < tile_keys / 2; ++e) s[e] *= scale_log2;
-      if (!(k0 >= lo_max && k0 + tile_keys <= hi_min)) {  // some row of the warp misses some key of the tile
-        int lo_in[2], hi_in[2];  // the row's keys as columns of this tile
-        for (int ri = 0; ri < 2; ++ri) {
-          lo_in[ri] = static_cast<int>(lo[ri] - k0 < 0 ? 0 : lo[ri] - k0 > tile_keys ? tile_keys : lo[ri] - k0);
-          hi_in[ri] = static_cast<int>(hi[ri] - k0 < 0 ? 0 : hi[ri] - k0 > tile_keys ? tile_keys : hi[ri] - k0);
-        }
-#pragma unroll
-        for (int nt = 0; nt < tile_keys / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = nt * 8 + 2 * t + (e & 1);
-            if (col < lo_in[e / 2] || col >= hi_in[e / 2]) s[4 * nt + e] = -INFINITY;
-          }
-      }
-      float row_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int e = 0; e < tile_keys / 2; ++e) row_max[(e / 2) % 2] = fmaxf(row_max[(e / 2) % 2], s[e]);
-      float alpha[2], m_use[2];
-#pragma unroll
+    for (int e = 0; e < tile_keys / 2; ++e) s[e] *= scale_log2;
+    if (!(k0 >= lo_max && k0 + tile_keys <= hi_min)) {  // some row of the warp misses some key of the tile
+      int lo_in[2], hi_in[2];  // the row's keys as columns of this tile
       for (int ri = 0; ri < 2; ++ri) {
-        row_max[ri] = fmaxf(row_max[ri], __shfl_xor_sync(0xffffffffu, row_max[ri], 1));
-        row_max[ri] = fmaxf(row_max[ri], __shfl_xor_sync(0xffffffffu, row_max[ri], 2));
-        const float m_new = fmaxf(st.m[ri], row_max[ri]);
-        m_use[ri] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing yet stays at weight 0, not NaN
-        alpha[ri] = fast_exp2(st.m[ri] - m_use[ri]);
-        st.m[ri] = m_new;
+        lo_in[ri] = static_cast<int>(lo[ri] - k0 < 0 ? 0 : lo[ri] - k0 > tile_keys ? tile_keys : lo[ri] - k0);
+        hi_in[ri] = static_cast<int>(hi[ri] - k0 < 0 ? 0 : hi[ri] - k0 > tile_keys ? tile_keys : hi[ri] - k0);
       }
-      float row_sum[2] = {0.f, 0.f};
-      std::uint32_t pa[tile_keys / 16][4];
 #pragma unroll
-      for (int nt = 0; nt < tile_keys / 8; ++nt) {
+      for (int nt = 0; nt < tile_keys / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[4 * nt + e] = fast_exp2(s[4 * nt + e] - m_use[e / 2]);
-          row_sum[e / 2] += s[4 * nt + e];
+          const int col = nt * 8 + 2 * t + (e & 1);
+          if (col < lo_in[e / 2] || col >= hi_in[e / 2]) s[4 * nt + e] = -INFINITY;
         }
-        // The S accumulator of key columns 16kc..16kc+15 is exactly the A fragment of P·V.
-        pa[nt / 2][(nt % 2) * 2 + 0] = pack2<T>(s[4 * nt + 0], s[4 * nt + 1]);
-        pa[nt / 2][(nt % 2) * 2 + 1] = pack2<T>(s[4 * nt + 2], s[4 * nt + 3]);
-      }
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) st.l[ri] = st.l[ri] * alpha[ri] + row_sum[ri];  // this thread's columns only
-#pragma unroll
-      for (int e = 0; e < D / 2; ++e) st.o[e] *= alpha[(e / 2) % 2];
-      tile_values(sm, buf, pa, st.o);
     }
-    if (last) break;
+    float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int e = 0; e < tile_keys / 2; ++e) row_max[(e / 2) % 2] = fmaxf(row_max[(e / 2) % 2], s[e]);
+    float m_use[2];
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      row_max[ri] = fmaxf(row_max[ri], __shfl_xor_sync(0xffffffffu, row_max[ri], 1));
+      row_max[ri] = fmaxf(row_max[ri], __shfl_xor_sync(0xffffffffu, row_max[ri], 2));
+      const float m_new = fmaxf(st.m[ri], row_max[ri]);
+      m_use[ri] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing yet stays at weight 0, not NaN
+      alpha[ri] = fast_exp2(st.m[ri] - m_use[ri]);
+      st.m[ri] = m_new;
+    }
+    float row_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int e = 0; e < tile_keys / 2; ++e) {
+      s[e] = fast_exp2(s[e] - m_use[(e / 2) % 2]);
+      row_sum[(e / 2) % 2] += s[e];
+    }
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) st.l[ri] = st.l[ri] * alpha[ri] + row_sum[ri];  // this thread's columns only
+  };
+  std::uint32_t pa[tile_keys / 16][4];  // P of the tile whose product with its values is next
+  // Once o holds no running product: o to the new max, and P to the A fragments of P·V (the S
+  // accumulator of key columns 16kc..16kc+15 is exactly the A fragment of key step kc).
+  const auto rescale_and_pack = [&] {
+#pragma unroll
+    for (int e = 0; e < D / 2; ++e) st.o[e] *= alpha[(e / 2) % 2];
+#pragma unroll
+    for (int nt = 0; nt < tile_keys / 8; ++nt) {
+      pa[nt / 2][(nt % 2) * 2 + 0] = pack2<T>(s[4 * nt + 0], s[4 * nt + 1]);
+      pa[nt / 2][(nt % 2) * 2 + 1] = pack2<T>(s[4 * nt + 2], s[4 * nt + 3]);
+    }
+  };
+  // Every product below is issued and waited for on every path: ptxas serialises wgmma around
+  // branches. A warpgroup whose rows all miss a tile computes it anyway, masked.
+  begin_step(0);
+  stagger(false);
+  tile_scores(sm, buf, s);
+  wait_products<0>(s);
+  stagger(true);
+  softmax(k_begin);
+  rescale_and_pack();
+  for (std::int64_t n = 1; n < tiles; ++n) {
+    buf ^= 1;
+    begin_step(n);
+    stagger(false);
+    tile_scores(sm, buf, s);
+    tile_values(sm, buf ^ 1, pa, st.o);  // tile n − 1's
+    wait_products<1>(s);
+    stagger(true);
+    softmax(k_begin + n * tile_keys);
+    wait_products<0>(st.o);
+    rescale_and_pack();
   }
+  buf ^= 1;
+  begin_step(tiles);
+  stagger(false);
+  stagger(true);
+  tile_values(sm, buf ^ 1, pa, st.o);
+  wait_products<0>(st.o);
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {  // the row's sum over the 4 threads that share it
     st.l[ri] += __shfl_xor_sync(0xffffffffu, st.l[ri], 1);
@@ -345,17 +392,16 @@ __device__ void load_old_rows(attention_smem<T, D>& sm, const core::fwd_params<T
 /// L the combined log2-sum-exp; load_old_rows copied out_old into sm.old_out and L_old). Each
 /// thread merges its fragments in fp32 and rounds them once into sm.old_out; whole rows then go to
 /// out as bulk copies (sm_90+: the CTA goes on while they drain; attention_kernel waits for them to
-/// have read sm.old_out before it refills it) or in 16-byte chunks. `next_in_flight`: the last
-/// cp.async group (the next item's first key tile) need not be waited for. `q_free()` runs once
-/// every warp is done with the query tile.
+/// have read sm.old_out before it refills it) or in 16-byte chunks. The last two cp.async groups (the
+/// next item's first tiles, attend_tile) need not be waited for. `q_free()` runs once every warp is
+/// done with the query tile.
 template <class T, int D, class QFree>
 __device__ void finish_tile(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const row_meta& m,
-                            const sequence_desc& e, const row_state<D>& st, const epilogue& ep, bool next_in_flight,
+                            const sequence_desc& e, const row_state<D>& st, const epilogue& ep,
                             int phase, QFree q_free) {
   const int t = threadIdx.x % 4, r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
   const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start, row_offset = e.row_offset;
-  if (next_in_flight) cp_async_wait<1>();  // the old rows
-  else cp_async_wait<0>();
+  cp_async_wait<2>();  // the old rows, not the next item's first tiles
 #if defined(MOBA_CUDA_BULK_COPY)
   mbarrier_wait(&sm.old_bar, phase);
 #else
@@ -490,8 +536,7 @@ struct history_items {
   }
 };
 
-/// Threads < tile_rows: fills sm.meta[slot] with the rows of work item n and their key span per
-/// 16-row warp, and (thread 0) sm.item[slot].
+/// Threads < tile_rows: fills sm.meta[slot] with the rows of work item n and (thread 0) sm.item[slot].
 template <class T, int D, class Items>
 __device__ void prepare_item(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_desc* table,
                              const Items& items, bool merge_pass, std::int64_t n, int slot) {
@@ -501,24 +546,14 @@ __device__ void prepare_item(attention_smem<T, D>& sm, const core::fwd_params<T>
   row_meta& m = sm.meta[slot];
   items.row(p, n, it, merge_pass, r, m);
   if (r == 0) sm.item[slot] = it;
-  std::int64_t lo = m.lo[r] < m.hi[r] ? m.lo[r] : INT64_MAX, hi = m.lo[r] < m.hi[r] ? m.hi[r] : INT64_MIN;  // used rows only
-  for (int off = 8; off > 0; off /= 2) {  // over the 16 lanes of the row's attention warp
-    const std::int64_t a = __shfl_xor_sync(0xffffffffu, lo, off), b = __shfl_xor_sync(0xffffffffu, hi, off);
-    lo = a < lo ? a : lo;
-    hi = b > hi ? b : hi;
-  }
-  if (r % 16 == 0) {
-    m.warp_lo[r / 16] = lo;
-    m.warp_hi[r / 16] = hi;
-  }
 }
 
 /// A persistent attention kernel over the work items of `items` (causal_items or history_items):
 /// CTA b runs item b, then items it claims in turn from `*ticket` (zero before the launch: items of
 /// unequal length balance, longest first where the item order says so). While one item's tiles
-/// run, the CTA copies that item's old rows, looks up the next item and claims the one after; during
-/// its last tile it copies the next item's first key tile, and once its query tile is free (the
-/// epilogue) the next item's queries, so that a work item's setup overlaps the previous one's compute.
+/// run, the CTA copies that item's old rows, looks up the next item and claims the one after; in
+/// its last steps it copies the next item's first key and value tiles, and once its query tile is
+/// free (the epilogue) the next item's queries, so that a work item's setup overlaps the previous one's compute.
 template <class T, int D, class Items>
 __global__ void __launch_bounds__(attention_threads, 1)
     attention_kernel(core::fwd_params<T> p, const sequence_desc* table, Items items, epilogue ep, float scale_log2,
@@ -536,9 +571,11 @@ __global__ void __launch_bounds__(attention_threads, 1)
   }
   prepare_item(sm, p, table, items, ep.merge, n, 0);
   __syncthreads();
-  load_kv_async(sm, sm.item[0].src, 0, sm.item[0].k_begin, sm.item[0].k_end);
+  load_keys(sm, sm.item[0].src, 0, sm.item[0].k_begin, sm.item[0].k_end);
+  load_values(sm, sm.item[0].src, 0, sm.item[0].k_begin, sm.item[0].k_end);
+  cp_async_commit();
   load_query_rows(sm, p, sm.meta[0], sm.item[0].e);
-  for (int cur = 0, buf = 0, phase = 0;; cur ^= 1, buf ^= 1, phase ^= 1) {
+  for (int cur = 0, buf = 0, phase = 0;; cur ^= 1, phase ^= 1) {
 #if defined(MOBA_CUDA_BULK_COPY)
     bulk_wait_read();  // the previous item's rows have left sm.old_out ...
 #endif
@@ -554,12 +591,9 @@ __global__ void __launch_bounds__(attention_threads, 1)
     if (more) prepare_item(sm, p, table, items, ep.merge, next, cur ^ 1);
     row_state<D> st;
     init_state(st);
-    buf = attend_tile(sm, sm.meta[cur], src, k_begin, k_end, scale_log2, st, buf, [&](int free) {
-      if (!more) return;
-      load_kv_async(sm, sm.item[cur ^ 1].src, free, sm.item[cur ^ 1].k_begin, sm.item[cur ^ 1].k_end);
-      if (threadIdx.x == 0) sm.claimed[cur ^ 1] = after_next;
-    });
-    finish_tile(sm, p, sm.meta[cur], sm.item[cur].e, st, ep, more, phase, [&] {
+    buf = attend_tile(sm, sm.meta[cur], src, k_begin, k_end, scale_log2, st, buf, more ? &sm.item[cur ^ 1] : nullptr);
+    if (threadIdx.x == 0) sm.claimed[cur ^ 1] = after_next;
+    finish_tile(sm, p, sm.meta[cur], sm.item[cur].e, st, ep, phase, [&] {
       if (more) load_query_rows(sm, p, sm.meta[cur ^ 1], sm.item[cur ^ 1].e);
     });
     if (!more) break;
