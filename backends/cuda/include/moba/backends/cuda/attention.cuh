@@ -57,7 +57,7 @@ inline constexpr int old_pitch = D + 8;
 
 /// Shared memory of one attention CTA: the query tile and kv_stages stages of key and value tiles,
 /// each stored 128B-swizzled ([D / 64][rows][64], swizzled_offset); a row buffer ([row][old_pitch]:
-/// the merging rows' earlier output, copied while the tiles run, then the epilogue's merged rows);
+/// the merging rows' earlier output, copied in the last step, then the epilogue's merged rows);
 /// and the rows and item of the current and the next work item.
 template <class T, int D>
 struct attention_smem {
@@ -190,19 +190,21 @@ __device__ __forceinline__ void load_values(attention_smem<T, D>& sm, const kv_r
 
 /// Attends the CTA's query tile (sm.q with the rows `m`) to keys [k_begin, k_end) of `src` (at least
 /// one), each row to its own [lo, hi) only, by online softmax (SPEC §Attention). Every thread of the
-/// CTA calls it. The caller has issued, as cp.async groups in this order, the first key and value
-/// tiles into stage `buf`, the query tile, and one more group the first tile need not wait for.
+/// CTA calls it, once the caller has committed the copies of the query tile and of the first key
+/// and value tiles into stage `buf`.
 ///
 /// Step n computes the scores of key tile n and, meanwhile, the product P·V of tile n − 1 (one
-/// more step does the last tile's), so that the softmax overlaps a running product (FA3's
-/// intra-warpgroup pipelining). Tiles are double-buffered with the values one step behind the keys:
-/// step n copies keys n + 1 and values n, into stages whose previous tiles steps before it finished.
-/// The last steps copy `next`'s first keys and values (the next work item's, if any) the same way.
-/// Returns the stage of that next first tile. Leaves two cp.async groups (`next`'s tiles,
-/// empty without one) uncompleted.
-template <class T, int D>
+/// more step, the drain, does the last tile's), so that the softmax overlaps a running product
+/// (FA3's intra-warpgroup pipelining). Tiles are double-buffered with the values one step behind
+/// the keys: step n copies keys n + 1 and values n, into stages whose previous tiles steps before it
+/// finished. The last step copies `next`'s first keys (the next work item's, if any), the drain its
+/// first values; the drain also calls `at_drain()` once every warp is done with the query tile, and
+/// its copies join the values' cp.async group, the last one, which this leaves uncompleted. Returns
+/// the stage of next's first tiles.
+template <class T, int D, class AtDrain>
 __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv_rows<T>& src, std::int64_t k_begin,
-                           std::int64_t k_end, float scale_log2, row_state<D>& st, int buf, const work_item<T>* next) {
+                           std::int64_t k_end, float scale_log2, row_state<D>& st, int buf, const work_item<T>* next,
+                           AtDrain at_drain) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   const int r0 = warp * 16 + lane / 4;
   const std::int64_t lo[2] = {m.lo[r0], m.lo[r0 + 8]}, hi[2] = {m.hi[r0], m.hi[r0 + 8]};
@@ -223,8 +225,8 @@ __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv
   // Step n (0..tiles; step `tiles` only drains): waits for its copies, then issues the next ones
   // into stages that steps before it finished.
   const auto begin_step = [&](std::int64_t n) {
-    if (n > 0 && n < tiles) cp_async_wait<0>();
-    else cp_async_wait<1>();  // not the old rows (first step), not next's first keys (drain)
+    if (n < tiles) cp_async_wait<0>();
+    else cp_async_wait<1>();  // not next's first keys
     fence_async_shared();
     __syncthreads();  // the copies are visible; every warp is done with the stages they refill below
     const std::int64_t k0 = k_begin + n * tile_keys;
@@ -234,6 +236,7 @@ __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv
       cp_async_commit();
     }
     if (n + 1 == tiles && next != nullptr) load_keys(sm, next->src, buf ^ 1, next->k_begin, next->k_end);
+    if (n == tiles) at_drain();
     if (n == tiles && next != nullptr) load_values(sm, next->src, buf, next->k_begin, next->k_end);
     if (n + 1 >= tiles) cp_async_commit();
   };
@@ -344,7 +347,7 @@ struct epilogue {
   bool final_pass;  // write the caller's lse (natural log) instead of lse2
 };
 
-/// Issues the copy of the rows' queries into sm.q as one cp.async group.
+/// Issues the copy of the rows' queries into sm.q (the caller commits the cp.async group).
 template <class T, int D>
 __device__ void load_query_rows(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const row_meta& m,
                                 const sequence_desc& e) {
@@ -352,7 +355,6 @@ __device__ void load_query_rows(attention_smem<T, D>& sm, const core::fwd_params
   load_rows_async<T, D, tile_rows>(sm.q, [&](int r) -> const T* {
     return m.query[r] >= 0 ? row_ptr(p.q, batch, q_start + m.query[r], m.head[r]) : nullptr;
   });
-  cp_async_commit();
 }
 
 /// Whether this thread's row (threads < tile_rows) merges with an earlier pass's result.
@@ -392,16 +394,14 @@ __device__ void load_old_rows(attention_smem<T, D>& sm, const core::fwd_params<T
 /// L the combined log2-sum-exp; load_old_rows copied out_old into sm.old_out and L_old). Each
 /// thread merges its fragments in fp32 and rounds them once into sm.old_out; whole rows then go to
 /// out as bulk copies (sm_90+: the CTA goes on while they drain; attention_kernel waits for them to
-/// have read sm.old_out before it refills it) or in 16-byte chunks. The last two cp.async groups (the
-/// next item's first tiles, attend_tile) need not be waited for. `q_free()` runs once every warp is
-/// done with the query tile.
-template <class T, int D, class QFree>
+/// have read sm.old_out before it refills it) or in 16-byte chunks. The last cp.async group (the
+/// next item's queries and first values, attend_tile's drain) need not be waited for.
+template <class T, int D>
 __device__ void finish_tile(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const row_meta& m,
-                            const sequence_desc& e, const row_state<D>& st, const epilogue& ep,
-                            int phase, QFree q_free) {
+                            const sequence_desc& e, const row_state<D>& st, const epilogue& ep, int phase) {
   const int t = threadIdx.x % 4, r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
   const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start, row_offset = e.row_offset;
-  cp_async_wait<2>();  // the old rows, not the next item's first tiles
+  cp_async_wait<1>();  // the old rows, not the next item's queries and first values
 #if defined(MOBA_CUDA_BULK_COPY)
   mbarrier_wait(&sm.old_bar, phase);
 #else
@@ -409,7 +409,6 @@ __device__ void finish_tile(attention_smem<T, D>& sm, const core::fwd_params<T>&
 #endif
   fence_async_shared();  // order the stages' last reads (wgmma: the async proxy) before later copies into them
   __syncthreads();       // every warp is done with the query tile; the old rows are visible
-  q_free();
   for (int ri = 0; ri < 2; ++ri) {
     const int r = r0 + 8 * ri;
     const std::int64_t i = m.query[r], h = m.head[r];
@@ -550,10 +549,11 @@ __device__ void prepare_item(attention_smem<T, D>& sm, const core::fwd_params<T>
 
 /// A persistent attention kernel over the work items of `items` (causal_items or history_items):
 /// CTA b runs item b, then items it claims in turn from `*ticket` (zero before the launch: items of
-/// unequal length balance, longest first where the item order says so). While one item's tiles
-/// run, the CTA copies that item's old rows, looks up the next item and claims the one after; in
-/// its last steps it copies the next item's first key and value tiles, and once its query tile is
-/// free (the epilogue) the next item's queries, so that a work item's setup overlaps the previous one's compute.
+/// unequal length balance, longest first where the item order says so). As an item starts, the CTA
+/// looks up the next item and claims the one after; in the item's last steps it copies the next
+/// item's first key and value tiles and, once the item's query tile is free, the next queries and
+/// the item's own old rows (only its epilogue needs them), so that a work item's setup overlaps the
+/// previous one's compute.
 template <class T, int D, class Items>
 __global__ void __launch_bounds__(attention_threads, 1)
     attention_kernel(core::fwd_params<T> p, const sequence_desc* table, Items items, epilogue ep, float scale_log2,
@@ -575,11 +575,9 @@ __global__ void __launch_bounds__(attention_threads, 1)
   load_values(sm, sm.item[0].src, 0, sm.item[0].k_begin, sm.item[0].k_end);
   cp_async_commit();
   load_query_rows(sm, p, sm.meta[0], sm.item[0].e);
+  cp_async_commit();
   for (int cur = 0, buf = 0, phase = 0;; cur ^= 1, phase ^= 1) {
-#if defined(MOBA_CUDA_BULK_COPY)
-    bulk_wait_read();  // the previous item's rows have left sm.old_out ...
-#endif
-    // ... and every thread is done with that item: its meta and item slot refill below.
+    // Every thread is done with the previous item: its meta and item slot refill below.
     const int merging = __syncthreads_count(merges_row(sm.meta[cur]));
     const std::int64_t next = sm.claimed[cur];
     const bool more = next < count;
@@ -587,15 +585,18 @@ __global__ void __launch_bounds__(attention_threads, 1)
     if (threadIdx.x == 0 && more) after_next = gridDim.x + std::int64_t{atomicAdd(ticket, 1u)};
     const kv_rows<T> src = sm.item[cur].src;
     const std::int64_t k_begin = sm.item[cur].k_begin, k_end = sm.item[cur].k_end;
-    load_old_rows(sm, p, sm.meta[cur], sm.item[cur].e, ep, merging);
     if (more) prepare_item(sm, p, table, items, ep.merge, next, cur ^ 1);
     row_state<D> st;
     init_state(st);
-    buf = attend_tile(sm, sm.meta[cur], src, k_begin, k_end, scale_log2, st, buf, more ? &sm.item[cur ^ 1] : nullptr);
-    if (threadIdx.x == 0) sm.claimed[cur ^ 1] = after_next;
-    finish_tile(sm, p, sm.meta[cur], sm.item[cur].e, st, ep, phase, [&] {
+    buf = attend_tile(sm, sm.meta[cur], src, k_begin, k_end, scale_log2, st, buf, more ? &sm.item[cur ^ 1] : nullptr, [&] {
+#if defined(MOBA_CUDA_BULK_COPY)
+      bulk_wait_read();  // this thread's rows of the previous item have left sm.old_out
+#endif
+      load_old_rows(sm, p, sm.meta[cur], sm.item[cur].e, ep, merging);
       if (more) load_query_rows(sm, p, sm.meta[cur ^ 1], sm.item[cur ^ 1].e);
     });
+    if (threadIdx.x == 0) sm.claimed[cur ^ 1] = after_next;
+    finish_tile(sm, p, sm.meta[cur], sm.item[cur].e, st, ep, phase);
     if (!more) break;
   }
 #if defined(MOBA_CUDA_BULK_COPY)
