@@ -173,19 +173,12 @@ __device__ __forceinline__ kv_rows<T> kv_source(const core::fwd_params<T>& p, co
   return {row_ptr(p.k, seq.batch, seq.k_start, kvh), row_ptr(p.v, seq.batch, seq.k_start, kvh), p.k.stride[1], p.v.stride[1]};
 }
 
-/// Issue the copy of the key (value) tile starting at key k0 into stage `buf`; keys at or past k_end
-/// read as zeros. The caller commits the cp.async group.
+/// Issues the copy of the tile of key (or value) rows from row k0 of `rows` into `stage`; rows at or
+/// past k_end read as zeros. The caller commits the cp.async group.
 template <class T, int D>
-__device__ __forceinline__ void load_keys(attention_smem<T, D>& sm, const kv_rows<T>& src, int buf, std::int64_t k0,
-                                          std::int64_t k_end) {
+__device__ __forceinline__ void load_kv_tile(T* stage, const T* rows, std::int64_t stride, std::int64_t k0, std::int64_t k_end) {
   const int valid = static_cast<int>(k_end - k0 < tile_keys ? k_end - k0 : tile_keys);
-  load_tile_async<T, D, tile_keys>(sm.k[buf], src.k + k0 * src.k_stride, src.k_stride, valid);
-}
-template <class T, int D>
-__device__ __forceinline__ void load_values(attention_smem<T, D>& sm, const kv_rows<T>& src, int buf, std::int64_t k0,
-                                            std::int64_t k_end) {
-  const int valid = static_cast<int>(k_end - k0 < tile_keys ? k_end - k0 : tile_keys);
-  load_tile_async<T, D, tile_keys>(sm.v[buf], src.v + k0 * src.v_stride, src.v_stride, valid);
+  load_tile_async<T, D, tile_keys>(stage, rows + k0 * stride, stride, valid);
 }
 
 /// Attends the CTA's query tile (sm.q with the rows `m`) to keys [k_begin, k_end) of `src` (at least
@@ -198,9 +191,9 @@ __device__ __forceinline__ void load_values(attention_smem<T, D>& sm, const kv_r
 /// (FA3's intra-warpgroup pipelining). Tiles are double-buffered with the values one step behind
 /// the keys: step n copies keys n + 1 and values n, into stages whose previous tiles steps before it
 /// finished. The last step copies `next`'s first keys (the next work item's, if any), the drain its
-/// first values; the drain also calls `at_drain()` once every warp is done with the query tile, and
-/// its copies join the values' cp.async group, the last one, which this leaves uncompleted. Returns
-/// the stage of next's first tiles.
+/// first values. The drain also calls `at_drain()` once every warp is done with the query tile; the
+/// copies it leaves uncommitted join the values' cp.async group, the last one, which this leaves
+/// uncompleted. Returns the stage of next's first tiles.
 template <class T, int D, class AtDrain>
 __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv_rows<T>& src, std::int64_t k_begin,
                            std::int64_t k_end, float scale_log2, row_state<D>& st, int buf, const work_item<T>* next,
@@ -231,13 +224,14 @@ __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv
     __syncthreads();  // the copies are visible; every warp is done with the stages they refill below
     const std::int64_t k0 = k_begin + n * tile_keys;
     if (n < tiles) {
-      if (n + 1 < tiles) load_keys(sm, src, buf ^ 1, k0 + tile_keys, k_end);
-      if (n > 0) load_values(sm, src, buf, k0, k_end);
+      if (n + 1 < tiles) load_kv_tile<T, D>(sm.k[buf ^ 1], src.k, src.k_stride, k0 + tile_keys, k_end);
+      if (n > 0) load_kv_tile<T, D>(sm.v[buf], src.v, src.v_stride, k0, k_end);
       cp_async_commit();
     }
-    if (n + 1 == tiles && next != nullptr) load_keys(sm, next->src, buf ^ 1, next->k_begin, next->k_end);
+    if (n + 1 == tiles && next != nullptr)
+      load_kv_tile<T, D>(sm.k[buf ^ 1], next->src.k, next->src.k_stride, next->k_begin, next->k_end);
     if (n == tiles) at_drain();
-    if (n == tiles && next != nullptr) load_values(sm, next->src, buf, next->k_begin, next->k_end);
+    if (n == tiles && next != nullptr) load_kv_tile<T, D>(sm.v[buf], next->src.v, next->src.v_stride, next->k_begin, next->k_end);
     if (n + 1 >= tiles) cp_async_commit();
   };
 #if defined(MOBA_CUDA_WGMMA)
@@ -328,7 +322,7 @@ __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv
   }
   buf ^= 1;
   begin_step(tiles);
-  stagger(false);
+  stagger(false);  // no scores in the drain: each warpgroup meets the barrier once
   stagger(true);
   tile_values(sm, buf ^ 1, pa, st.o);
   wait_products<0>(st.o);
@@ -571,8 +565,9 @@ __global__ void __launch_bounds__(attention_threads, 1)
   }
   prepare_item(sm, p, table, items, ep.merge, n, 0);
   __syncthreads();
-  load_keys(sm, sm.item[0].src, 0, sm.item[0].k_begin, sm.item[0].k_end);
-  load_values(sm, sm.item[0].src, 0, sm.item[0].k_begin, sm.item[0].k_end);
+  const work_item<T>& first = sm.item[0];
+  load_kv_tile<T, D>(sm.k[0], first.src.k, first.src.k_stride, first.k_begin, first.k_end);
+  load_kv_tile<T, D>(sm.v[0], first.src.v, first.src.v_stride, first.k_begin, first.k_end);
   cp_async_commit();
   load_query_rows(sm, p, sm.meta[0], sm.item[0].e);
   cp_async_commit();
