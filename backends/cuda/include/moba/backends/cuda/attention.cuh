@@ -351,9 +351,9 @@ __device__ void load_query_rows(attention_smem<T, D>& sm, const core::fwd_params
   });
 }
 
-/// Whether this thread's row (threads < tile_rows) merges with an earlier pass's result.
-__device__ __forceinline__ bool merges_row(const row_meta& m) {
-  const int r = threadIdx.x;
+/// Whether row r (rows: r < tile_rows) merges with an earlier pass's result; thread r copies and
+/// writes its old row.
+__device__ __forceinline__ bool merges_row(const row_meta& m, int r) {
   return r < tile_rows && m.query[r] >= 0 && m.merge[r];
 }
 
@@ -367,19 +367,19 @@ __device__ void load_old_rows(attention_smem<T, D>& sm, const core::fwd_params<T
   const int r = threadIdx.x;
 #if defined(MOBA_CUDA_BULK_COPY)
   if (r == 0) mbarrier_arrive_expect(&sm.old_bar, static_cast<std::uint32_t>(merging * D * sizeof(T)));
-  if (merges_row(m))
+  if (merges_row(m, r))
     bulk_load(sm.old_out + r * old_pitch<D>, row_ptr(p.out, batch, q_start + m.query[r], m.head[r]), D * sizeof(T), &sm.old_bar);
 #else
   (void)merging;
   constexpr int chunks = D / 8;
   for (int x = threadIdx.x; x < tile_rows * chunks; x += attention_threads) {
     const int row = x / chunks;
-    if (m.query[row] >= 0 && m.merge[row])
+    if (merges_row(m, row))
       cp_async_16(sm.old_out + row * old_pitch<D> + x % chunks * 8,
                   row_ptr(p.out, batch, q_start + m.query[row], m.head[row]) + x % chunks * 8, true);
   }
 #endif
-  if (merges_row(m)) cp_async_4(&m.old_lse2[r], ep.lse2 + (row_offset + m.query[r]) * p.q_heads + m.head[r]);
+  if (merges_row(m, r)) cp_async_4(&m.old_lse2[r], ep.lse2 + (row_offset + m.query[r]) * p.q_heads + m.head[r]);
   cp_async_commit();
 }
 
@@ -573,7 +573,7 @@ __global__ void __launch_bounds__(attention_threads, 1)
   cp_async_commit();
   for (int cur = 0, buf = 0, phase = 0;; cur ^= 1, phase ^= 1) {
     // Every thread is done with the previous item: its meta and item slot refill below.
-    const int merging = __syncthreads_count(merges_row(sm.meta[cur]));
+    const int merging = __syncthreads_count(merges_row(sm.meta[cur], threadIdx.x));
     const std::int64_t next = sm.claimed[cur];
     const bool more = next < count;
     std::int64_t after_next = count;  // claimed now: the atomic's latency hides behind this item's tiles
