@@ -38,23 +38,6 @@ struct slot_tally {
   std::int64_t total_blocks;
 };
 
-/// Calls f(i, h, counter) for the (query i of sequence e, head h) of flat thread index x (over
-/// rows × Hq) if it has a history block in `slot`.
-template <class T, class F>
-__device__ void for_slot_entry(const core::fwd_params<T>& p, const sequence_desc* table, const std::int32_t* sel,
-                               std::int64_t slot, std::int64_t total_blocks, F f) {
-  const std::int64_t x = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (x >= table[p.seqs.count].row_offset * p.q_heads) return;
-  const std::int64_t row = x / p.q_heads, h = x % p.q_heads;
-  const std::int64_t s = find_sequence(table, p.seqs.count, row, [](const sequence_desc& e) { return e.row_offset; });
-  const sequence_desc e = table[s];
-  const std::int64_t i = row - e.row_offset;
-  const std::int64_t c = core::current_block(e.seq.pos(i), p.block_size);
-  if (slot >= core::history_count(c, p.top_k, false)) return;
-  const std::int32_t j = sel[x * p.top_k + slot];  // ascending: the history blocks come before c
-  if (j >= 0 && j < c) f(i, h, slot_counter(x, list_key(p.kv_head(h), total_blocks, e, j)));
-}
-
 /// One tile of a slot's row lists: rows[first, first + count) of the list of key `key`.
 struct list_tile {
   std::int64_t first;
@@ -141,14 +124,23 @@ __global__ void __launch_bounds__(scan_threads) scan_slots_kernel(const Count* c
 }
 
 /// rows[start[counter] + ...] = i · Hq + h for the entries of one slot (start, counts: that slot's
-/// counters); counts run down to zero as the cursor.
+/// counters; a thread per flat entry x = row · Hq + h); counts run down to zero as the cursor.
 template <class T>
 __global__ void scatter_slot_kernel(core::fwd_params<T> p, const sequence_desc* table, const std::int32_t* sel,
                                     std::int64_t slot, std::int64_t total_blocks, const std::int32_t* start,
                                     std::int32_t* counts, std::int32_t* rows) {
-  for_slot_entry(p, table, sel, slot, total_blocks, [&](std::int64_t i, std::int64_t h, std::int64_t counter) {
-    rows[start[counter] + atomicSub(&counts[counter], 1) - 1] = static_cast<std::int32_t>(i * p.q_heads + h);
-  });
+  const std::int64_t x = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (x >= table[p.seqs.count].row_offset * p.q_heads) return;
+  const std::int64_t row = x / p.q_heads, h = x % p.q_heads;
+  const std::int64_t s = find_sequence(table, p.seqs.count, row, [](const sequence_desc& e) { return e.row_offset; });
+  const sequence_desc e = table[s];
+  const std::int64_t i = row - e.row_offset;
+  const std::int64_t c = core::current_block(e.seq.pos(i), p.block_size);
+  if (slot >= core::history_count(c, p.top_k, false)) return;
+  const std::int32_t j = sel[x * p.top_k + slot];  // ascending: the history blocks come before c
+  if (j < 0 || j >= c) return;
+  const std::int64_t counter = slot_counter(x, list_key(p.kv_head(h), total_blocks, e, j));
+  rows[start[counter] + atomicSub(&counts[counter], 1) - 1] = static_cast<std::int32_t>(i * p.q_heads + h);
 }
 
 }  // namespace moba::backends::cuda
