@@ -139,22 +139,31 @@ __device__ __forceinline__ float key_score(std::uint64_t key) {
   return u == 0 ? -INFINITY : __uint_as_float(u & 0x80000000u ? u & 0x7fffffffu : ~u);
 }
 
-/// Sifts `key` down the min-heap `heap` of `size` keys (entry n at heap[n * tile_rows]) from entry n.
-__device__ __forceinline__ void sift_down(std::uint64_t* heap, int size, int n, std::uint64_t key) {
-  for (int child = 2 * n + 1; child < size; child = 2 * n + 1) {
-    std::uint64_t low = heap[child * tile_rows];
-    if (child + 1 < size) {
-      const std::uint64_t right = heap[(child + 1) * tile_rows];
-      if (right < low) {
-        low = right;
-        ++child;
+/// Sifts `key` down the 4-ary min-heap `heap` of `size` keys (entry n at heap[n * tile_rows]) from
+/// entry n; returns the root afterwards (when n is 0). With four children per entry the 15 keys of
+/// top_k = 16 lie within two levels of the root, so an insert waits for two rounds of shared-memory
+/// reads (a binary heap: four).
+__device__ __forceinline__ std::uint64_t sift_down(std::uint64_t* heap, int size, int n, std::uint64_t key) {
+  std::uint64_t root = key;
+  for (int first = 4 * n + 1; first < size; first = 4 * n + 1) {
+    int child = first;
+    std::uint64_t low = heap[first * tile_rows];
+#pragma unroll
+    for (int u = 1; u < 4; ++u)
+      if (first + u < size) {
+        const std::uint64_t x = heap[(first + u) * tile_rows];
+        if (x < low) {
+          low = x;
+          child = first + u;
+        }
       }
-    }
     if (key < low) break;  // keys are unique (the block is part of the key)
+    if (n == 0) root = low;
     heap[n * tile_rows] = low;
     n = child;
   }
   heap[n * tile_rows] = key;
+  return root;
 }
 
 /// Shared memory of the gate: the query tile's pieces, gate_kbar_stages<T> stages of kbar pieces for
@@ -188,7 +197,7 @@ template <class T, int D>
 __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
     gate_kernel(core::fwd_params<T> p, const sequence_desc* table, const bfloat16* kbar, std::int32_t* sel, slot_tally tally) {
   extern __shared__ unsigned char gate_raw[];
-  auto& sm = *reinterpret_cast<gate_smem<T, D>*>((reinterpret_cast<std::uintptr_t>(gate_raw) + 1023) & ~std::uintptr_t{1023});
+  auto& sm = *reinterpret_cast<gate_smem<T, D>*>(align_1024(gate_raw));
   constexpr int qp = q_pieces<T>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4, mi = lane / 8, mr = lane % 8;
   const std::int64_t h = blockIdx.y, kvh = p.kv_head(h);
@@ -303,40 +312,41 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
   auto rank_tile = [&](int tile) {
     const int buf = tile % 2;
     const std::int64_t j0 = tile * static_cast<std::int64_t>(gate_tile_blocks);
-    if (want > 0) {
-      const float* mine = sm.score_row(buf, row);
-      // SPEC §Blocks 4: only blocks wholly in the past are eligible.
-      const std::int64_t eligible = c - j0;
-      constexpr std::uint32_t all = ~0u >> (32 - gate_tile_blocks);
-      std::uint32_t maybe = eligible >= gate_tile_blocks ? all : eligible > 0 ? (1u << eligible) - 1 : 0u;
-      if (size == want) {
-        // Mark the blocks whose score reaches the bar's (all lanes in step), then rank only those,
-        // so a warp's 32 rows diverge over a few candidates, not over every block. A NaN never
-        // passes: it cannot beat a full list (it ranks last, and later blocks lose ties).
-        const float floor = key_score(bar);
-        std::uint32_t reach = 0;
+    if (want == 0) return;
+    const float* mine = sm.score_row(buf, row);
+    // The blocks whose score reaches the bar's. Once the list is full only those are ranked, so a
+    // warp's 32 rows diverge over a few candidates, not over every block. A NaN never passes: it
+    // cannot beat a full list (it ranks last, and later blocks lose ties).
+    const auto reaching_bar = [&] {
+      const float floor = key_score(bar);
+      std::uint32_t reach = 0;
 #pragma unroll
-        for (int col = 0; col < gate_tile_blocks; col += 4) {
-          const float4 four = *reinterpret_cast<const float4*>(mine + col);
-          const float f[4] = {four.x, four.y, four.z, four.w};
+      for (int col = 0; col < gate_tile_blocks; col += 4) {
+        const float4 four = *reinterpret_cast<const float4*>(mine + col);
+        const float f[4] = {four.x, four.y, four.z, four.w};
 #pragma unroll
-          for (int u = 0; u < 4; ++u)
-            if (f[u] >= floor) reach |= 1u << (col + u);
-        }
-        maybe &= reach;
+        for (int u = 0; u < 4; ++u)
+          if (f[u] >= floor) reach |= 1u << (col + u);
       }
-      for (; maybe != 0; maybe &= maybe - 1) {
-        const int col = __ffs(maybe) - 1;
-        const std::uint64_t key = rank_key(mine[col], j0 + col);
-        if (key <= bar) continue;
-        if (size < want) {
-          best[size++ * tile_rows] = key;
-          if (size < want) continue;
-          for (int n = want / 2 - 1; n >= 0; --n) sift_down(best, want, n, best[n * tile_rows]);
-        } else {
-          sift_down(best, want, 0, key);  // the new key replaces the lowest
-        }
-        bar = best[0];
+      return reach;
+    };
+    // SPEC §Blocks 4: only blocks wholly in the past are eligible.
+    const std::int64_t eligible = c - j0;
+    constexpr std::uint32_t all = ~0u >> (32 - gate_tile_blocks);
+    std::uint32_t maybe = eligible >= gate_tile_blocks ? all : eligible > 0 ? (1u << eligible) - 1 : 0u;
+    if (size == want) maybe &= reaching_bar();
+    while (maybe != 0) {
+      const int col = __ffs(maybe) - 1;
+      maybe &= maybe - 1;
+      const std::uint64_t key = rank_key(mine[col], j0 + col);
+      if (key <= bar) continue;
+      if (size < want) {
+        best[size++ * tile_rows] = key;
+        if (size < want) continue;
+        for (int n = (want - 2) / 4; n >= 0; --n) bar = sift_down(best, want, n, best[n * tile_rows]);
+        maybe &= reaching_bar();  // the list just filled
+      } else {
+        bar = sift_down(best, want, 0, key);  // the new key replaces the lowest
       }
     }
   };

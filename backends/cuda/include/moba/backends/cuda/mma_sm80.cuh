@@ -50,6 +50,13 @@ __device__ __forceinline__ std::uint32_t smem_address(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
 }
 
+/// The dynamic shared memory `raw` from its first 1024-byte boundary on. Offsetting `raw` itself
+/// (not its address as an integer) keeps the pointer in the shared space, so that the compiler
+/// reaches what lies there with shared-memory loads and stores, not generic ones.
+__device__ __forceinline__ unsigned char* align_1024(unsigned char* raw) {
+  return raw + (1024u - smem_address(raw) % 1024u) % 1024u;
+}
+
 /// Four 8×8 b16 matrices; lane l gives the row address of matrix l / 8, row l % 8, and receives
 /// {M[g][2t..2t+1]} of each (".trans": {M[2t][g], M[2t+1][g]}), i.e. mma B fragments.
 template <bool Transpose>
