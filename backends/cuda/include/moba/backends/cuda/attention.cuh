@@ -204,14 +204,15 @@ __device__ __forceinline__ void load_kv_tile(T* stage, const T* rows, std::int64
 /// more step, the drain, does the last tile's), so that the softmax overlaps a running product
 /// (FA3's intra-warpgroup pipelining). Tiles are double-buffered with the values one step behind
 /// the keys: step n copies keys n + 1 and values n, into stages whose previous tiles steps before it
-/// finished. The last step copies `next`'s first keys (the next work item's, if any), the drain its
-/// first values. The drain also calls `at_drain()` once every warp is done with the query tile; the
-/// copies it leaves uncommitted join the values' cp.async group, the last one, which this leaves
-/// uncompleted. Returns the stage of next's first tiles.
-template <class T, int D, class AtDrain>
+/// finished. Every thread calls `after_first_scores()` once the scores of tile 0 are issued (the
+/// caller looks up `next`, the next work item, there, while tensor cores work). The drain copies
+/// next's first keys and values, and calls `at_drain()` first, once every warp is done with the
+/// query tile; the copies it leaves uncommitted join those tiles' cp.async group, the last one,
+/// which this leaves uncompleted. Returns the stage of next's first tiles.
+template <class T, int D, class AfterFirstScores, class AtDrain>
 __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv_rows<T>& src, std::int64_t k_begin,
                            std::int64_t k_end, float scale_log2, row_state<D>& st, int buf, const work_item<T>* next,
-                           AtDrain at_drain) {
+                           AfterFirstScores after_first_scores, AtDrain at_drain) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   const int r0 = warp * 16 + lane / 4;
   const std::int64_t lo[2] = {m.lo[r0], m.lo[r0 + 8]}, hi[2] = {m.hi[r0], m.hi[r0 + 8]};
@@ -232,21 +233,21 @@ __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv
   // Step n (0..tiles; step `tiles` only drains): waits for its copies, then issues the next ones
   // into stages that steps before it finished.
   const auto begin_step = [&](std::int64_t n) {
-    if (n < tiles) cp_async_wait<0>();
-    else cp_async_wait<1>();  // not next's first keys
+    cp_async_wait<0>();
     fence_async_shared();
     __syncthreads();  // the copies are visible; every warp is done with the stages they refill below
     const std::int64_t k0 = k_begin + n * tile_keys;
     if (n < tiles) {
       if (n + 1 < tiles) load_kv_tile<T, D>(sm.k[buf ^ 1], src.k, src.k_stride, k0 + tile_keys, k_end);
       if (n > 0) load_kv_tile<T, D>(sm.v[buf], src.v, src.v_stride, k0, k_end);
-      cp_async_commit();
+    } else {
+      at_drain();
+      if (next != nullptr) {  // both stages are free: the last scores are done, the last values are in v[buf ^ 1]
+        load_kv_tile<T, D>(sm.k[buf], next->src.k, next->src.k_stride, next->k_begin, next->k_end);
+        load_kv_tile<T, D>(sm.v[buf], next->src.v, next->src.v_stride, next->k_begin, next->k_end);
+      }
     }
-    if (n + 1 == tiles && next != nullptr)
-      load_kv_tile<T, D>(sm.k[buf ^ 1], next->src.k, next->src.k_stride, next->k_begin, next->k_end);
-    if (n == tiles) at_drain();
-    if (n == tiles && next != nullptr) load_kv_tile<T, D>(sm.v[buf], next->src.v, next->src.v_stride, next->k_begin, next->k_end);
-    if (n + 1 >= tiles) cp_async_commit();
+    cp_async_commit();
   };
 #if defined(MOBA_CUDA_WGMMA)
   // Stagger the two warpgroups by one product: the second issues its products once the first's
@@ -318,6 +319,7 @@ __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv
   begin_step(0);
   stagger(false);
   tile_scores(sm, buf, s);
+  after_first_scores();
   wait_products<0>(s);
   stagger(true);
   softmax(k_begin);
@@ -543,12 +545,13 @@ struct history_items {
   }
 };
 
-/// Threads < tile_rows: fills sm.meta[slot] with the rows of work item n and (thread 0) sm.item[slot].
+/// The last tile_rows threads (the second warpgroup): fill sm.meta[slot] with the rows of work item n
+/// and (the first of them) sm.item[slot].
 template <class T, int D, class Items>
 __device__ void prepare_item(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const sequence_desc* table,
                              const Items& items, bool merge_pass, std::int64_t n, int slot) {
-  if (threadIdx.x >= tile_rows) return;
-  const int r = threadIdx.x;
+  const int r = static_cast<int>(threadIdx.x) - (attention_threads - tile_rows);
+  if (r < 0) return;
   const work_item<T> it = items.item(p, table, n);
   row_meta& m = sm.meta[slot];
   items.row(p, n, it, merge_pass, r, m);
@@ -558,10 +561,10 @@ __device__ void prepare_item(attention_smem<T, D>& sm, const core::fwd_params<T>
 /// A persistent attention kernel over the work items of `items` (causal_items or history_items):
 /// CTA b runs item b, then items it claims in turn from `*ticket` (zero before the launch: items of
 /// unequal length balance, longest first where the item order says so). As an item starts, the CTA
-/// looks up the next item and claims the one after; in the item's last steps it copies the next
-/// item's first key and value tiles and, once the item's query tile is free, the next queries and
-/// the item's own old rows (only its epilogue needs them), so that a work item's setup overlaps the
-/// previous one's compute.
+/// claims the item after the next; the second warpgroup looks up the next item while the first
+/// scores run; the item's drain step copies the next item's first key and value tiles and, once the
+/// item's query tile is free, the next queries and the item's own old rows (only its epilogue needs
+/// them), so that a work item's setup overlaps the previous one's compute.
 template <class T, int D, class Items>
 __global__ void __launch_bounds__(attention_threads, 1)
     attention_kernel(core::fwd_params<T> p, const sequence_desc* table, Items items, epilogue ep, float scale_log2,
@@ -594,10 +597,12 @@ __global__ void __launch_bounds__(attention_threads, 1)
     if (threadIdx.x == 0 && more) after_next = gridDim.x + std::int64_t{atomicAdd(ticket, 1u)};
     const kv_rows<T> src = sm.item[cur].src;
     const std::int64_t k_begin = sm.item[cur].k_begin, k_end = sm.item[cur].k_end;
-    if (more) prepare_item(sm, p, table, items, ep.merge, next, cur ^ 1);
     row_state<D> st;
     init_state(st);
-    buf = attend_tile(sm, sm.meta[cur], src, k_begin, k_end, scale_log2, st, buf, more ? &sm.item[cur ^ 1] : nullptr, [&] {
+    const auto look_up_next = [&] {
+      if (more) prepare_item(sm, p, table, items, ep.merge, next, cur ^ 1);
+    };
+    buf = attend_tile(sm, sm.meta[cur], src, k_begin, k_end, scale_log2, st, buf, more ? &sm.item[cur ^ 1] : nullptr, look_up_next, [&] {
 #if defined(MOBA_CUDA_BULK_COPY)
       bulk_wait_read();  // this thread's rows of the previous item have left sm.old_out
 #endif
