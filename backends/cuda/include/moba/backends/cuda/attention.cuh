@@ -185,7 +185,7 @@ inline constexpr int copy_threads = attention_threads / 2;
 #else
 inline constexpr int copy_threads = attention_threads;  // mma.sync: no stagger, every warp copies
 #endif
-__device__ __forceinline__ bool copies() { return threadIdx.x >= attention_threads - copy_threads; }
+__device__ __forceinline__ bool copies() { return static_cast<int>(threadIdx.x) >= attention_threads - copy_threads; }
 
 /// Issues the copy of the tile of key (or value) rows from row k0 of `rows` into `stage`; rows at or
 /// past k_end read as zeros. The caller commits the cp.async group.
