@@ -405,13 +405,13 @@ __device__ void load_old_rows(attention_smem<T, D>& sm, const core::fwd_params<T
 /// thread merges its fragments in fp32 and rounds them once into sm.old_out; whole rows then go to
 /// out as bulk copies (sm_90+: the CTA goes on while they drain; attention_kernel waits for them to
 /// have read sm.old_out before it refills it) or in 16-byte chunks. The last cp.async group (the
-/// next item's queries and first values, attend_tile's drain) need not be waited for.
+/// next item's queries and first tiles, attend_tile's drain) need not be waited for.
 template <class T, int D>
 __device__ void finish_tile(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const row_meta& m,
                             const sequence_desc& e, const row_state<D>& st, const epilogue& ep, int phase) {
   const int t = threadIdx.x % 4, r0 = threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4;
   const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start, row_offset = e.row_offset;
-  cp_async_wait<1>();  // the old rows, not the next item's queries and first values
+  cp_async_wait<1>();  // the old rows, not the next item's queries and first tiles
 #if defined(MOBA_CUDA_BULK_COPY)
   mbarrier_wait(&sm.old_bar, phase);
 #else
