@@ -224,8 +224,9 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
   if (scorer)
     for (int tile = 0; tile < gate_kbar_stages<T> - 1; ++tile) load_kbar(tile);
 
-  // All of a thread's query loads are in flight before its first shared-memory store: a generic
-  // store may alias them, and would space them one DRAM round trip apart.
+  // All of a thread's query loads are issued before its first shared-memory store, so that they are
+  // in flight together (stores the compiler could not tell apart from them spaced them one DRAM
+  // round trip apart).
   constexpr int w = load_width<T>, q_loads = tile_rows * D / w / attention_threads;
   const T* q_first = row_ptr(p.q, e.seq.batch, e.seq.q_start + i0, h);
   load_unit<T> raw[q_loads];
