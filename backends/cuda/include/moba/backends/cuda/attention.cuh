@@ -362,7 +362,7 @@ template <class T, int D>
 __device__ void load_query_rows(attention_smem<T, D>& sm, const core::fwd_params<T>& p, const row_meta& m,
                                 const sequence_desc& e) {
   const std::int64_t batch = e.seq.batch, q_start = e.seq.q_start;
-  load_rows_async<T, D, tile_rows, attention_threads>(sm.q, [&](int r) -> const T* {
+  load_rows_async<T, D, tile_rows>(sm.q, [&](int r) -> const T* {
     return m.query[r] >= 0 ? row_ptr(p.q, batch, q_start + m.query[r], m.head[r]) : nullptr;
   });
 }

@@ -108,11 +108,12 @@ __device__ __forceinline__ std::uint32_t swizzled_offset(int row, int col) {
 }
 
 /// Copies 16-byte chunks of `rows` rows of D elements into a swizzled tile; `src(r)` is row r's
-/// address or null (zeros). `Threads` consecutive threads share the copy.
-template <class T, int D, int Rows, int Threads, class Src>
+/// address or null (zeros).
+template <class T, int D, int Rows, class Src>
 __device__ __forceinline__ void load_rows_async(T* tile, Src src) {
   constexpr int chunks = D / 8;
-  for (int x = threadIdx.x % Threads; x < Rows * chunks; x += Threads) {
+  // threadIdx.x % attention_threads (= threadIdx.x) bounds x for the compiler: the loop unrolls.
+  for (int x = threadIdx.x % attention_threads; x < Rows * chunks; x += attention_threads) {
     const int r = x / chunks, c = x % chunks;
     const T* row = src(r);
     cp_async_16(reinterpret_cast<unsigned char*>(tile) + swizzled_offset<Rows>(r, c * 8), row ? row + c * 8 : nullptr,
