@@ -195,6 +195,14 @@ __device__ __forceinline__ void load_kv_tile(T* stage, const T* rows, std::int64
   if (copies()) load_tile_async<T, D, tile_keys, copy_threads>(stage, rows + k0 * stride, stride, valid);
 }
 
+/// Issues the copies of work item `it`'s first key and value tiles into stage `buf` (the caller
+/// commits the cp.async group).
+template <class T, int D>
+__device__ __forceinline__ void load_first_tiles(attention_smem<T, D>& sm, int buf, const work_item<T>& it) {
+  load_kv_tile<T, D>(sm.k[buf], it.src.k, it.src.k_stride, it.k_begin, it.k_end);
+  load_kv_tile<T, D>(sm.v[buf], it.src.v, it.src.v_stride, it.k_begin, it.k_end);
+}
+
 /// Attends the CTA's query tile (sm.q with the rows `m`) to keys [k_begin, k_end) of `src` (at least
 /// one), each row to its own [lo, hi) only, by online softmax (SPEC §Attention). Every thread of the
 /// CTA calls it, once the caller has committed the copies of the query tile and of the first key
@@ -242,10 +250,8 @@ __device__ int attend_tile(attention_smem<T, D>& sm, const row_meta& m, const kv
       if (n > 0) load_kv_tile<T, D>(sm.v[buf], src.v, src.v_stride, k0, k_end);
     } else {
       at_drain();
-      if (next != nullptr) {  // both stages are free: the last scores are done, the last values are in v[buf ^ 1]
-        load_kv_tile<T, D>(sm.k[buf], next->src.k, next->src.k_stride, next->k_begin, next->k_end);
-        load_kv_tile<T, D>(sm.v[buf], next->src.v, next->src.v_stride, next->k_begin, next->k_end);
-      }
+      // Both stages are free: the last scores are done, the last values are in v[buf ^ 1].
+      if (next != nullptr) load_first_tiles(sm, buf, *next);
     }
     cp_async_commit();
   };
@@ -582,9 +588,7 @@ __global__ void __launch_bounds__(attention_threads, 1)
   }
   prepare_item(sm, p, table, items, ep.merge, n, 0);
   __syncthreads();
-  const work_item<T>& first = sm.item[0];
-  load_kv_tile<T, D>(sm.k[0], first.src.k, first.src.k_stride, first.k_begin, first.k_end);
-  load_kv_tile<T, D>(sm.v[0], first.src.v, first.src.v_stride, first.k_begin, first.k_end);
+  load_first_tiles(sm, 0, sm.item[0]);
   cp_async_commit();
   load_query_rows(sm, p, sm.meta[0], sm.item[0].e);
   cp_async_commit();
