@@ -215,14 +215,14 @@ struct backend_impl<cuda, Dtype> {
           head_dim_list{}, p.head_dim,
           [&](auto dim) {
             constexpr int D = decltype(dim)::value;
-            c::block_means_kernel<Dtype, D><<<dim3(grid(totals.block_offset), static_cast<unsigned>(p.kv_heads)), 256, 0, stream_>>>(
+            c::block_means_kernel<Dtype, D><<<grid(totals.block_offset * p.kv_heads), 256, 0, stream_>>>(
                 p, table, kbar);
             c::check_launch("block_means_kernel");
             const auto smem = static_cast<int>(c::gate_smem<Dtype, D>::launch_bytes(p.top_k));
             MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
             const c::slot_tally tally{w.passes > 0 ? reinterpret_cast<std::int32_t*>(ws + w.counts) : nullptr,
                                       w.counters, w.total_blocks};
-            c::gate_kernel<Dtype, D><<<dim3(grid(totals.tile_offset), q_heads), c::attention_threads, smem, stream_>>>(p, table, kbar, sel,
+            c::gate_kernel<Dtype, D><<<grid(totals.tile_offset * p.q_heads), c::attention_threads, smem, stream_>>>(p, table, kbar, sel,
                                                                                                                     tally);
             c::check_launch("gate_kernel");
           },

@@ -70,15 +70,15 @@ __device__ __forceinline__ void load_floats(const T* x, float (&f)[load_width<T>
   unpack_floats<T>(*reinterpret_cast<const load_unit<T>*>(x), f);
 }
 
-/// kbar `[total_blocks, Hkv, kbar_pieces, D]` bf16 pieces of the fp32 block means: grid (total blocks,
-/// Hkv), 256 threads; each sums one column chunk over every (256 / chunks)-th key of the block,
+/// kbar `[total_blocks, Hkv, kbar_pieces, D]` bf16 pieces of the fp32 block means: a CTA per (block,
+/// kv head), the heads of one block adjacent (together they read whole key rows), 256 threads; each sums one column chunk over every (256 / chunks)-th key of the block,
 /// with several loads in flight, then the chunk's partial sums are added in shared memory.
 template <class T, int D>
 __global__ void __launch_bounds__(256) block_means_kernel(core::fwd_params<T> p, const sequence_desc* table,
                                                            bfloat16* kbar) {
   constexpr int w = load_width<T>, chunks = D / w, groups = 256 / chunks;
   __shared__ float partial[256 * w];
-  const std::int64_t gblock = blockIdx.x, kvh = blockIdx.y;
+  const std::int64_t gblock = blockIdx.x / p.kv_heads, kvh = blockIdx.x % p.kv_heads;
   const std::int64_t s = find_sequence(table, p.seqs.count, gblock, [](const sequence_desc& e) { return e.block_offset; });
   const sequence_desc& e = table[s];
   const std::int64_t j = gblock - e.block_offset;
@@ -186,7 +186,9 @@ struct gate_smem {
 /// Warp roles of the gate: warps 0–3 rank (a thread per query row), warps 4–7 score (32 rows per
 /// warp) and copy kbar, so that the ranking of one tile of blocks overlaps the products of the next.
 inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads - tile_rows;
-/// Fused gate: grid (query tiles of tile_rows, Hq), attention_threads threads, gate_smem. Scores
+/// Fused gate: a CTA per (query tile of tile_rows, head), the heads of one tile adjacent (so that
+/// concurrent CTAs count their rows into every head's slot counts, not all into one head's),
+/// attention_threads threads, gate_smem. Scores
 /// q · kbar come from bf16 tensor-core products of the pieces (split_bf16) with fp32 accumulation:
 /// fp32 scores, never written to global memory. Per tile of blocks, the scorer warps write the
 /// scores to a shared-memory buffer; one ranker thread per row keeps the row's best K−1 as
@@ -200,10 +202,10 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
   auto& sm = *reinterpret_cast<gate_smem<T, D>*>(align_1024(gate_raw));
   constexpr int qp = q_pieces<T>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4, mi = lane / 8, mr = lane % 8;
-  const std::int64_t h = blockIdx.y, kvh = p.kv_head(h);
-  const std::int64_t s = find_sequence(table, p.seqs.count, blockIdx.x, [](const sequence_desc& e) { return e.tile_offset; });
+  const std::int64_t h = blockIdx.x % p.q_heads, kvh = p.kv_head(h), tile = blockIdx.x / p.q_heads;
+  const std::int64_t s = find_sequence(table, p.seqs.count, tile, [](const sequence_desc& e) { return e.tile_offset; });
   const sequence_desc e = table[s];  // a copy: stores to shared memory do not make it reload
-  const std::int64_t i0 = (blockIdx.x - e.tile_offset) * tile_rows;
+  const std::int64_t i0 = (tile - e.tile_offset) * tile_rows;
   const std::int64_t rows = e.seq.q_len - i0 < tile_rows ? e.seq.q_len - i0 : tile_rows;
   const std::int64_t c_last = core::current_block(e.seq.pos(i0 + rows - 1), p.block_size);
   const int tiles = static_cast<int>((c_last + gate_tile_blocks - 1) / gate_tile_blocks);
