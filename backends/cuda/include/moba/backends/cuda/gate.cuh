@@ -71,8 +71,9 @@ __device__ __forceinline__ void load_floats(const T* x, float (&f)[load_width<T>
 }
 
 /// kbar `[total_blocks, Hkv, kbar_pieces, D]` bf16 pieces of the fp32 block means: a CTA per (block,
-/// kv head), the heads of one block adjacent (together they read whole key rows), 256 threads; each sums one column chunk over every (256 / chunks)-th key of the block,
-/// with several loads in flight, then the chunk's partial sums are added in shared memory.
+/// kv head), the heads of one block adjacent (together they read whole key rows), 256 threads; each
+/// sums one column chunk over every (256 / chunks)-th key of the block, with several loads in
+/// flight, then the chunk's partial sums are added in shared memory.
 template <class T, int D>
 __global__ void __launch_bounds__(256) block_means_kernel(core::fwd_params<T> p, const sequence_desc* table,
                                                            bfloat16* kbar) {
@@ -188,13 +189,13 @@ struct gate_smem {
 inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads - tile_rows;
 /// Fused gate: a CTA per (query tile of tile_rows, head), the heads of one tile adjacent (so that
 /// concurrent CTAs count their rows into every head's slot counts, not all into one head's),
-/// attention_threads threads, gate_smem. Scores
-/// q · kbar come from bf16 tensor-core products of the pieces (split_bf16) with fp32 accumulation:
-/// fp32 scores, never written to global memory. Per tile of blocks, the scorer warps write the
-/// scores to a shared-memory buffer; one ranker thread per row keeps the row's best K−1 as
-/// rank_key values in a shared-memory min-heap whose root, kept as a register bar, rejects most
-/// blocks. Two score buffers let the scorers compute one tile while the rankers rank the previous.
-/// With a tally, each row is also counted in its slots as its selection is written (slots.cuh).
+/// attention_threads threads, gate_smem. Scores q · kbar come from bf16 tensor-core products of
+/// the pieces (split_bf16) with fp32 accumulation: fp32 scores, never written to global memory.
+/// Per tile of blocks, the scorer warps write the scores to a shared-memory buffer; one ranker
+/// thread per row keeps the row's best K−1 as rank_key values in a shared-memory min-heap whose
+/// root, kept as a register bar, rejects most blocks. Two score buffers let the scorers compute one
+/// tile while the rankers rank the previous. With a tally, each row is also counted in its slots as
+/// its selection is written (slots.cuh).
 template <class T, int D>
 __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
     gate_kernel(core::fwd_params<T> p, const sequence_desc* table, const bfloat16* kbar, std::int32_t* sel, slot_tally tally) {
