@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 /// @file moba::cuda beyond the shared suite: thousands of tokens (several query ranges, gathered
-/// tiles, many gate tiles, a three-level ranking heap at top_k = 40), head dims 64 and 128, and the stream / workspace options.
+/// tiles, many gate tiles, a three-level ranking heap at top_k = 40), head dims 64 and 128, and the
+/// stream / workspace options.
 #include <doctest/doctest.h>
 
 #include <cstring>
