@@ -516,16 +516,19 @@ struct causal_items {
 
 /// The rows (query, head) whose history block in one selection slot is key block j, listed per
 /// key x = kvh · total_blocks + global block (slots.cuh) in tile_rows tiles: tile n, described by
-/// tiles[n], is rows[tiles[n].first, + tiles[n].count).
+/// tiles[n], is rows[tiles[n].first, + tiles[n].count), of tiles[n].span consecutive keys.
 struct slot_lists {
   const std::int64_t* tile_count;  // the slot's tiles
   const list_tile* tiles;          // [tile_count]
   const std::int32_t* rows;        // entries i · Hq + h
   std::int64_t total_blocks;
+  const std::int32_t* sel;         // the gate's selections [rows, Hq, K]: a joined tile's rows find their block there
+  std::int64_t slot;
 };
 
-/// Work items of one selection slot: item n is tile n of the slot's lists, attending its key block.
-/// Each row is in at most one tile of a slot, so its merge into out / lse2 needs no atomics.
+/// Work items of one selection slot: item n is tile n of the slot's lists, attending its key block
+/// (or, for a tile that joins several lists' last rows, their consecutive blocks, each row masked
+/// to its own). Each row is in at most one tile of a slot, so its merge into out / lse2 needs no atomics.
 struct history_items {
   slot_lists lists;
   template <class T>
@@ -536,17 +539,24 @@ struct history_items {
     const std::int64_t kvh = tile.key / lists.total_blocks, gblock = tile.key % lists.total_blocks;
     const sequence_desc e = table[find_sequence(table, p.seqs.count, gblock, [](const sequence_desc& d) { return d.block_offset; })];
     const std::int64_t j = gblock - e.block_offset;
-    return {e, kv_source(p, e.seq, kvh), core::block_begin(j, p.block_size), core::block_end(j, p.block_size, e.seq.k_len),
-            tile.first, tile.count};
+    return {e, kv_source(p, e.seq, kvh), core::block_begin(j, p.block_size),
+            core::block_end(j + tile.span - 1, p.block_size, e.seq.k_len), tile.first, tile.count};
   }
   template <class T>
   __device__ void row(const core::fwd_params<T>& p, std::int64_t, const work_item<T>& it, bool merge_pass, int r,
                       row_meta& m) const {
     const std::int32_t entry = r < it.rows ? lists.rows[it.first + r] : -1;
-    m.query[r] = entry < 0 ? -1 : static_cast<std::int32_t>(entry / p.q_heads);
-    m.head[r] = entry < 0 ? 0 : static_cast<std::int32_t>(entry % p.q_heads);
-    m.lo[r] = entry < 0 ? 0 : it.k_begin;
-    m.hi[r] = entry < 0 ? 0 : it.k_end;
+    const std::int64_t i = entry / p.q_heads, h = entry % p.q_heads;
+    std::int64_t lo = it.k_begin, hi = it.k_end;
+    if (entry >= 0 && hi - lo > p.block_size) {  // a joined tile: the row's own block
+      const std::int64_t j = lists.sel[((it.e.row_offset + i) * p.q_heads + h) * p.top_k + lists.slot];
+      lo = core::block_begin(j, p.block_size);
+      hi = core::block_end(j, p.block_size, it.e.seq.k_len);
+    }
+    m.query[r] = entry < 0 ? -1 : static_cast<std::int32_t>(i);
+    m.head[r] = entry < 0 ? 0 : static_cast<std::int32_t>(h);
+    m.lo[r] = entry < 0 ? 0 : lo;
+    m.hi[r] = entry < 0 ? 0 : hi;
     m.merge[r] = entry >= 0 && merge_pass;
   }
 };

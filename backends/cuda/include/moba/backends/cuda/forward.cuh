@@ -277,11 +277,13 @@ struct backend_impl<cuda, Dtype> {
     auto* tile_list = reinterpret_cast<c::list_tile*>(ws + w.tile_list);
     auto* rows = reinterpret_cast<std::int32_t*>(ws + w.rows);
     const unsigned entry_grid = grid((row_heads + 255) / 256), tile_grid = persistent_grid(w.history_tiles);
+    const int max_span = static_cast<int>(std::max<std::int64_t>(1, c::max_joined_keys / p.block_size));
     c::scan_slots_kernel<<<grid(w.passes), c::scan_threads, 0, stream_>>>(counts, keys, start, tile_count, tile_list,
-                                                                           w.history_tiles);
+                                                                           w.history_tiles, table, p.seqs.count,
+                                                                           w.total_blocks, max_span);
     c::check_launch("scan_slots_kernel");
     for (std::int64_t slot = 0; slot < w.passes; ++slot) {
-      const c::slot_lists lists{tile_count + slot, tile_list + slot * w.history_tiles, rows, w.total_blocks};
+      const c::slot_lists lists{tile_count + slot, tile_list + slot * w.history_tiles, rows, w.total_blocks, sel, slot};
       c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, start + slot * w.counters,
                                                                      counts + slot * w.counters, rows);
       c::check_launch("scatter_slot_kernel");

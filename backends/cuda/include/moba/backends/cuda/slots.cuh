@@ -38,12 +38,20 @@ struct slot_tally {
   std::int64_t total_blocks;
 };
 
-/// One tile of a slot's row lists: rows[first, first + count) of the list of key `key`.
+/// One tile of a slot's row lists: rows[first, first + count), listed for keys key .. key + span − 1
+/// (consecutive blocks of one sequence and kv head; span > 1 joins the last, partial tiles of their
+/// lists into one work item, whose rows each attend their own block).
 struct list_tile {
   std::int64_t first;
   std::int32_t key;
-  std::int32_t count;
+  std::int16_t count, span;
 };
+
+/// A joined tile spans at most max_joined_keys keys (and always one block where a block is longer).
+/// Joining saves a work item's fixed cost (about 2.4 key tiles', docs/perf.md) without adding key
+/// tiles, but long items unbalance the end of a pass: same-run H100, B=128/K=16 31.0 -> 28.9 ms
+/// with 4 or 8 tiles, while joining pairs of 4-tile blocks (32K, B=512) measured 1-2% slower.
+inline constexpr std::int64_t max_joined_keys = 4 * tile_keys;
 
 inline constexpr int scan_threads = 1024;
 struct rows_tiles {
@@ -76,15 +84,54 @@ __device__ __forceinline__ rows_tiles scan_rows_tiles(rows_tiles v, rows_tiles* 
   return v;
 }
 
+/// Which partial tiles of a warp's 32 consecutive keys join (list_tile), greedily lane by lane: a
+/// key's partial tile joins the open chain when its block follows the previous key's in the same
+/// sequence and kv head (`joins`) and the rows still fit one tile; the chain stays open after it
+/// only if the key has no full tiles (their rows would lie between). Every lane runs the same loop
+/// on broadcast values. Returns whether this lane's partial tile joined an earlier key's;
+/// `rows_here` and `span_here` get the chain's rows and keys where this lane starts one.
+__device__ __forceinline__ bool join_tails(std::int64_t rows, bool joins, int max_span, std::int16_t& rows_here,
+                                           std::int16_t& span_here) {
+  const int lane = threadIdx.x % 32;
+  bool joined = false, open = false;
+  int start = 0, sum = 0, span = 0;
+  const auto close = [&] {
+    if (start == lane) rows_here = static_cast<std::int16_t>(sum), span_here = static_cast<std::int16_t>(span);
+  };
+  for (int l = 0; l < 32; ++l) {
+    const std::int64_t rows_l = __shfl_sync(~0u, rows, l);
+    const bool joins_l = __shfl_sync(~0u, joins, l);
+    const int tail = static_cast<int>(rows_l % tile_rows);
+    if (open && joins_l && tail > 0 && sum + tail <= tile_rows && span < max_span) {
+      sum += tail;
+      ++span;
+      joined |= l == lane;
+      open = rows_l < tile_rows;
+      if (!open) close();
+    } else {
+      if (open) close();
+      start = l;
+      sum = tail;
+      span = 1;
+      open = tail > 0;
+      if (!open) close();
+    }
+  }
+  if (open) close();
+  return joined;
+}
+
 /// CTA s (one per slot) of scan_threads, over that slot's counts and start (keys · count_shards
 /// each) and tiles (pitch tiles_pitch), a thread per key in passes of scan_threads keys (coalesced):
 /// start = exclusive prefix sum of the counts, so that a key's rows are contiguous; tiles[t]
-/// describes tile t of the lists (tile_rows rows of one key), so that an attention CTA finds its
-/// rows in one load; tile_count[s] = the slot's tiles.
+/// describes tile t of the lists (join_tails: the partial tiles of consecutive keys may share one),
+/// so that an attention CTA finds its rows in one load; tile_count[s] = the slot's tiles. A key's
+/// partial tile comes last in its list, or first where it joined the key before.
 template <class Count>  // a template so that every translation unit may define it (header-only)
 __global__ void __launch_bounds__(scan_threads) scan_slots_kernel(const Count* counts, std::int64_t keys, std::int32_t* start,
                                                                   std::int64_t* tile_count, list_tile* tiles_out,
-                                                                  std::int64_t tiles_pitch) {
+                                                                  std::int64_t tiles_pitch, const sequence_desc* table,
+                                                                  std::int64_t sequences, std::int64_t total_blocks, int max_span) {
   counts += blockIdx.x * keys * count_shards;
   start += blockIdx.x * keys * count_shards;
   tiles_out += blockIdx.x * tiles_pitch;
@@ -93,13 +140,21 @@ __global__ void __launch_bounds__(scan_threads) scan_slots_kernel(const Count* c
   for (std::int64_t x0 = 0; x0 < keys; x0 += scan_threads) {
     const std::int64_t x = x0 + threadIdx.x;
     alignas(16) std::int32_t n[count_shards] = {};
-    if (x < keys)
+    bool joins = false;  // block x continues block x − 1 (same kv head and sequence)
+    if (x < keys) {
 #pragma unroll
       for (int v = 0; v < count_shards / 4; ++v)  // 16-byte loads: a key's shards are 32-byte aligned
         reinterpret_cast<int4*>(n)[v] = reinterpret_cast<const int4*>(counts + x * count_shards)[v];
+      const std::int64_t gblock = x % total_blocks;
+      const std::int64_t s = find_sequence(table, sequences, gblock, [](const sequence_desc& e) { return e.block_offset; });
+      joins = gblock != 0 && table[s].block_offset != gblock;
+    }
     std::int64_t rows = 0;
     for (const std::int32_t shard : n) rows += shard;
-    const std::int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+    const std::int64_t tail = rows % tile_rows;
+    std::int16_t chain_rows = static_cast<std::int16_t>(tail), chain_span = 1;
+    const bool joined = join_tails(rows, joins, max_span, chain_rows, chain_span);
+    const std::int64_t tiles = rows / tile_rows + (tail > 0 && !joined);
     rows_tiles total;
     const rows_tiles end = scan_rows_tiles({rows, tiles}, warp_sums, total);
     if (x < keys) {
@@ -114,8 +169,10 @@ __global__ void __launch_bounds__(scan_threads) scan_slots_kernel(const Count* c
       for (int v = 0; v < count_shards / 4; ++v)
         reinterpret_cast<int4*>(start + x * count_shards)[v] = reinterpret_cast<const int4*>(at)[v];
       std::int64_t tile = before.tiles + end.tiles - tiles;
-      for (std::int64_t done = 0; done < rows; done += tile_rows)
-        tiles_out[tile++] = {first + done, static_cast<std::int32_t>(x), static_cast<std::int32_t>(rows - done < tile_rows ? rows - done : tile_rows)};
+      const auto key = static_cast<std::int32_t>(x);
+      for (std::int64_t done = joined ? tail : 0; done + tile_rows <= rows; done += tile_rows)
+        tiles_out[tile++] = {first + done, key, tile_rows, 1};
+      if (tail > 0 && !joined) tiles_out[tile++] = {first + rows - tail, key, chain_rows, chain_span};
     }
     before.rows += total.rows;
     before.tiles += total.tiles;
