@@ -47,10 +47,10 @@ struct list_tile {
   std::int16_t count, span;
 };
 
-/// A joined tile spans at most max_joined_keys keys (and always one block where a block is longer).
-/// Joining saves a work item's fixed cost (about 2.4 key tiles', docs/perf.md) without adding key
-/// tiles, but long items unbalance the end of a pass: same-run H100, B=128/K=16 31.0 -> 28.9 ms
-/// with 4 or 8 tiles, while joining pairs of 4-tile blocks (32K, B=512) measured 1-2% slower.
+/// A joined tile spans at most max_joined_keys keys (longer blocks are never joined). Joining saves
+/// a work item's fixed cost (about that of 2.4 key tiles, docs/perf.md) without adding key tiles,
+/// but long items unbalance the end of a pass: same-run H100, B=128/K=16 31.0 -> 28.9 ms with 4 or
+/// 8 tiles, while joining pairs of 4-tile blocks (32K, B=512) measured 1-2% slower.
 inline constexpr std::int64_t max_joined_keys = 4 * tile_keys;
 
 inline constexpr int scan_threads = 1024;
