@@ -522,7 +522,7 @@ struct slot_lists {
   const list_tile* tiles;          // [tile_count]
   const std::int32_t* rows;        // entries i · Hq + h
   std::int64_t total_blocks;
-  const std::int32_t* sel;         // the gate's selections [rows, Hq, K]: a joined tile's rows find their block there
+  const std::int32_t* sel;         // the gate's selections (selection_index): a joined tile's rows find their block there
   std::int64_t slot;
 };
 
@@ -549,7 +549,7 @@ struct history_items {
     const std::int64_t i = entry / p.q_heads, h = entry % p.q_heads;
     std::int64_t lo = it.k_begin, hi = it.k_end;
     if (entry >= 0 && hi - lo > p.block_size) {  // a joined tile: the row's own block
-      const std::int64_t j = lists.sel[((it.e.row_offset + i) * p.q_heads + h) * p.top_k + lists.slot];
+      const std::int64_t j = lists.sel[selection_index(it.e.row_offset + i, h, lists.slot, p.q_heads, p.top_k)];
       lo = core::block_begin(j, p.block_size);
       hi = core::block_end(j, p.block_size, it.e.seq.k_len);
     }
@@ -653,7 +653,7 @@ __global__ void __launch_bounds__(128) simt_kernel(core::fwd_params<T> p, const 
   float m = -INFINITY, l = 0.f;
   const std::int64_t n_sel = sel == nullptr ? c + 1 : p.top_k;
   for (std::int64_t w = 0; w < n_sel; ++w) {
-    const std::int64_t j = sel == nullptr ? w : sel[(row * p.q_heads + h) * p.top_k + w];
+    const std::int64_t j = sel == nullptr ? w : sel[selection_index(row, h, w, p.q_heads, p.top_k)];
     if (j < 0) continue;
     const std::int64_t end = core::block_end(j, p.block_size, pos + 1);
     for (std::int64_t key = core::block_begin(j, p.block_size); key < end; ++key) {

@@ -107,12 +107,12 @@ __global__ void __launch_bounds__(256) block_means_kernel(core::fwd_params<T> p,
   }
 }
 
-/// Writes entry w of one query's selection to the workspace `[rows, Hq, K]` (w < K) and, when given,
+/// Writes entry w of one query's selection to the workspace (selection_index; w < K) and, when given,
 /// to the caller's `selected` view (any width).
 template <class T>
 __device__ __forceinline__ void store_selection(const core::fwd_params<T>& p, const sequence_desc& e, std::int64_t i,
                                                 std::int64_t h, std::int64_t w, std::int32_t block, std::int32_t* sel) {
-  if (w < p.top_k) sel[((e.row_offset + i) * p.q_heads + h) * p.top_k + w] = block;
+  if (w < p.top_k) sel[selection_index(e.row_offset + i, h, w, p.q_heads, p.top_k)] = block;
   if (p.selected.given() && w < p.selected.extent[3]) p.selected(e.seq.batch, e.seq.q_start + i, h, w) = block;
 }
 

@@ -24,6 +24,13 @@ __device__ __forceinline__ std::int64_t slot_counter(std::int64_t x, std::int64_
   return key * count_shards + x / 256 % count_shards;
 }
 
+/// Where entry w of the selection of query row `row` (row_offset + i) and head h lies in the gate's
+/// workspace `[rows, Hq, K]`.
+__device__ __forceinline__ std::int64_t selection_index(std::int64_t row, std::int64_t h, std::int64_t w, std::int64_t q_heads,
+                                                        std::int64_t top_k) {
+  return (row * q_heads + h) * top_k + w;
+}
+
 /// The list key of block j of sequence e for kv head kvh: kvh · total_blocks + the block's global index.
 __device__ __forceinline__ std::int64_t list_key(std::int64_t kvh, std::int64_t total_blocks, const sequence_desc& e,
                                                  std::int64_t j) {
@@ -194,7 +201,7 @@ __global__ void scatter_slot_kernel(core::fwd_params<T> p, const sequence_desc* 
   const std::int64_t i = row - e.row_offset;
   const std::int64_t c = core::current_block(e.seq.pos(i), p.block_size);
   if (slot >= core::history_count(c, p.top_k, false)) return;
-  const std::int32_t j = sel[x * p.top_k + slot];  // ascending: the history blocks come before c
+  const std::int32_t j = sel[selection_index(row, h, slot, p.q_heads, p.top_k)];  // ascending: history blocks before c
   if (j < 0 || j >= c) return;
   const std::int64_t counter = slot_counter(x, list_key(p.kv_head(h), total_blocks, e, j));
   rows[start[counter] + atomicSub(&counts[counter], 1) - 1] = static_cast<std::int32_t>(i * p.q_heads + h);
