@@ -96,7 +96,8 @@ __device__ __forceinline__ rows_tiles scan_rows_tiles(rows_tiles v, rows_tiles* 
 /// sequence and kv head (`joins`) and the rows still fit one tile; the chain stays open after it
 /// only if the key has no full tiles (their rows would lie between). Every lane runs the same loop
 /// on broadcast values. Returns whether this lane's partial tile joined an earlier key's;
-/// `rows_here` and `span_here` get the chain's rows and keys where this lane starts one.
+/// `rows_here` and `span_here` (the caller sets them to the lane's own tail and 1) get the chain's
+/// rows and keys where this lane starts one.
 __device__ __forceinline__ bool join_tails(std::int64_t rows, bool joins, int max_span, std::int16_t& rows_here,
                                            std::int16_t& span_here) {
   const int lane = threadIdx.x % 32;
@@ -121,7 +122,6 @@ __device__ __forceinline__ bool join_tails(std::int64_t rows, bool joins, int ma
       sum = tail;
       span = 1;
       open = tail > 0;
-      if (!open) close();
     }
   }
   if (open) close();
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(scan_threads) scan_slots_kernel(const Count* c
         reinterpret_cast<int4*>(n)[v] = reinterpret_cast<const int4*>(counts + x * count_shards)[v];
       const std::int64_t gblock = x % total_blocks;
       const std::int64_t s = find_sequence(table, sequences, gblock, [](const sequence_desc& e) { return e.block_offset; });
-      joins = gblock != 0 && table[s].block_offset != gblock;
+      joins = table[s].block_offset != gblock;  // also false at gblock 0, a kv head's first key
     }
     std::int64_t rows = 0;
     for (const std::int32_t shard : n) rows += shard;
