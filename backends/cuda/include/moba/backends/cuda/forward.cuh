@@ -219,12 +219,16 @@ struct backend_impl<cuda, Dtype> {
                 p, table, kbar);
             c::check_launch("block_means_kernel");
             const auto smem = static_cast<int>(c::gate_smem<Dtype, D>::launch_bytes(p.top_k));
-            MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::gate_kernel<Dtype, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
             const c::slot_tally tally{w.passes > 0 ? reinterpret_cast<std::int32_t*>(ws + w.counts) : nullptr,
                                       w.counters, w.total_blocks};
-            c::gate_kernel<Dtype, D><<<grid(totals.tile_offset * p.q_heads), c::attention_threads, smem, stream_>>>(p, table, kbar, sel,
-                                                                                                                    tally);
-            c::check_launch("gate_kernel");
+            auto gate = [&](auto kernel) {
+              MOBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+              kernel<<<grid(totals.tile_offset * p.q_heads), c::attention_threads, smem, stream_>>>(p, table, kbar, sel, tally);
+              c::check_launch("gate_kernel");
+            };
+            if (p.top_k - 1 <= c::gate_list_keys / 2) gate(c::gate_kernel<Dtype, D, c::gate_list_keys / 2>);
+            else if (p.top_k - 1 <= c::gate_list_keys) gate(c::gate_kernel<Dtype, D, c::gate_list_keys>);
+            else gate(c::gate_kernel<Dtype, D, 0>);
           },
           [] {});
       if (gate_after_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_after_, stream_));

@@ -184,6 +184,10 @@ struct gate_smem {
   }
 };
 
+/// Most best keys a gate row keeps in registers (gate_kernel's List); each insert runs through the
+/// whole list, so top_k <= 3 (the paper's 3) gets a list of 2 and top_k <= 5 one of 4.
+inline constexpr int gate_list_keys = 4;
+
 /// Warp roles of the gate: warps 0–3 rank (a thread per query row), warps 4–7 score (32 rows per
 /// warp) and copy kbar, so that the ranking of one tile of blocks overlaps the products of the next.
 inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads - tile_rows;
@@ -193,10 +197,11 @@ inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads 
 /// the pieces (split_bf16) with fp32 accumulation: fp32 scores, never written to global memory.
 /// Per tile of blocks, the scorer warps write the scores to a shared-memory buffer; one ranker
 /// thread per row keeps the row's best K−1 as rank_key values in a shared-memory min-heap whose
-/// root, kept as a register bar, rejects most blocks. Two score buffers let the scorers compute one
-/// tile while the rankers rank the previous. With a tally, each row is also counted in its slots as
-/// its selection is written (slots.cuh).
-template <class T, int D>
+/// root, kept as a register bar, rejects most blocks; with List > 0 (K − 1 <= List) the keys stay in
+/// registers instead, where an insert waits for no shared-memory round trip. Two score buffers let
+/// the scorers compute one tile while the rankers rank the previous. With a tally, each row is also
+/// counted in its slots as its selection is written (slots.cuh).
+template <class T, int D, int List>
 __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
     gate_kernel(core::fwd_params<T> p, const sequence_desc* table, const bfloat16* kbar, std::int32_t* sel, slot_tally tally) {
   extern __shared__ unsigned char gate_raw[];
@@ -274,6 +279,11 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
   const int want = static_cast<int>(core::history_count(c, p.top_k, false));
   int size = 0;
   std::uint64_t bar = 0;  // keys must exceed it (every key is > 0)
+  // The register list: ascending, so list[0] is the bar; entries past `want` hold the largest key,
+  // which no insert moves, and the others start at 0, so the list is full once list[0] != 0.
+  std::uint64_t list[List > 0 ? List : 1];
+#pragma unroll
+  for (int n = 0; n < List; ++n) list[n] = n < want ? 0 : ~std::uint64_t{0};
 
   const int row0 = (warp - gate_rankers / 32) * 32;  // a scorer warp's 32 rows, as two 16-row mma tiles
   auto score_tile = [&](int tile) {
@@ -338,13 +348,24 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
     const std::int64_t eligible = c - j0;
     constexpr std::uint32_t all = ~0u >> (32 - gate_tile_blocks);
     std::uint32_t maybe = eligible >= gate_tile_blocks ? all : eligible > 0 ? (1u << eligible) - 1 : 0u;
-    if (size == want) maybe &= reaching_bar();
+    if (bar != 0) maybe &= reaching_bar();  // the list is full
     while (maybe != 0) {
       const int col = __ffs(maybe) - 1;
       maybe &= maybe - 1;
       const std::uint64_t key = rank_key(mine[col], j0 + col);
       if (key <= bar) continue;
-      if (size < want) {
+      if constexpr (List > 0) {
+        const bool filling = bar == 0;
+        list[0] = key;  // replaces the lowest, then moves up to its place
+#pragma unroll
+        for (int n = 0; n + 1 < List; ++n) {
+          const std::uint64_t low = list[n] < list[n + 1] ? list[n] : list[n + 1];
+          list[n + 1] = list[n] < list[n + 1] ? list[n + 1] : list[n];
+          list[n] = low;
+        }
+        bar = list[0];
+        if (filling && bar != 0) maybe &= reaching_bar();  // the list just filled
+      } else if (size < want) {
         best[size++ * tile_rows] = key;
         if (size < want) continue;
         for (int n = (want - 2) / 4; n >= 0; --n) bar = sift_down(best, want, n, best[n * tile_rows]);
@@ -367,6 +388,10 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
     __syncthreads();
   }
 
+  if constexpr (List > 0)
+#pragma unroll
+    for (int n = 0; n < List; ++n)
+      if (n < want) best[n * tile_rows] = list[n];
   if (!scorer && row < rows) {
     // SPEC output order is ascending: a history block's place is the number of smaller ones, and the
     // current block comes after them all (no local-memory sort).
