@@ -388,7 +388,7 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
     __syncthreads();
   }
 
-  if constexpr (List > 0)
+  if constexpr (List > 0)  // the list takes the heap's place, where the selection is read from
 #pragma unroll
     for (int n = 0; n < List; ++n)
       if (n < want) best[n * tile_rows] = list[n];
