@@ -64,46 +64,104 @@ __device__ __forceinline__ void unpack_floats(const load_unit<T>& raw, float (&f
   }
 }
 
-/// Loads load_width<T> elements at `x` as floats.
-template <class T>
-__device__ __forceinline__ void load_floats(const T* x, float (&f)[load_width<T>]) {
-  unpack_floats<T>(*reinterpret_cast<const load_unit<T>*>(x), f);
+/// The gate may start while the block means still run (programmatic dependent launch, sm_90+): each
+/// (block, kv head) of means announces itself by a flag in `ready` (zeroed by the call's memset), and
+/// the gate waits for the flags of exactly the blocks it reads. Without such a launch the flags are
+/// all set before the gate starts.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+/// Waits until the grid this one overlaps has finished (and its writes are visible).
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+/// Reads a flag with acquire semantics: what was stored before it was set is visible after.
+__device__ __forceinline__ unsigned load_acquire(const unsigned* flag) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(flag) : "memory");
+  return v;
 }
 
-/// kbar `[total_blocks, Hkv, kbar_pieces, D]` bf16 pieces of the fp32 block means: a CTA per (block,
-/// kv head), the heads of one block adjacent (together they read whole key rows), 256 threads; each
-/// sums one column chunk over every (256 / chunks)-th key of the block, with several loads in
-/// flight, then the chunk's partial sums are added in shared memory.
+/// kbar `[total_blocks, Hkv, kbar_pieces, D]` bf16 pieces of the fp32 block means, one unit per (block,
+/// kv head), the heads of one block adjacent (together they read whole key rows), a unit's flag in
+/// `ready` set once its pieces are stored. A CTA of means_threads takes units blockIdx.x, blockIdx.x +
+/// gridDim.x, …, leaving room for two gate CTAs beside it. Each thread copies one 16-byte column
+/// chunk of every (means_threads / chunks)-th key of the unit into its own ring of shared memory,
+/// means_depth copies in flight without holding registers, and sums them in fp32; a unit's partial
+/// sums are added in shared memory while the next unit's first copies fly.
+inline constexpr int means_threads = 128, means_depth = 16;
 template <class T, int D>
-__global__ void __launch_bounds__(256) block_means_kernel(core::fwd_params<T> p, const sequence_desc* table,
-                                                           bfloat16* kbar) {
-  constexpr int w = load_width<T>, chunks = D / w, groups = 256 / chunks;
-  __shared__ float partial[256 * w];
-  const std::int64_t gblock = blockIdx.x / p.kv_heads, kvh = blockIdx.x % p.kv_heads;
-  const std::int64_t s = find_sequence(table, p.seqs.count, gblock, [](const sequence_desc& e) { return e.block_offset; });
-  const sequence_desc& e = table[s];
-  const std::int64_t j = gblock - e.block_offset;
-  const std::int64_t begin = core::block_begin(j, p.block_size), count = core::block_end(j, p.block_size, e.seq.k_len) - begin;
-  const int chunk = threadIdx.x % chunks, group = threadIdx.x / chunks;
-  const T* first = row_ptr(p.k, e.seq.batch, e.seq.k_start + begin, kvh) + chunk * w;
-  float sum[w] = {};  // SPEC §Blocks 2: accumulate in fp32
-#pragma unroll 4
-  for (std::int64_t t = group; t < count; t += groups) {
-    float f[w];
-    load_floats(first + t * p.k.stride[1], f);
+__global__ void __launch_bounds__(means_threads, 16) block_means_kernel(core::fwd_params<T> p, const sequence_desc* table,
+                                                                         bfloat16* kbar, unsigned* ready) {
+  allow_dependent_launch();  // every CTA of this grid is running: the gate can take the room left
+  constexpr int w = 16 / sizeof(T), chunks = D / w, rows_per_copy = means_threads / chunks;
+  static_assert(means_threads >= D && means_threads % chunks == 0);
+  __shared__ alignas(16) T ring[means_depth][means_threads][w];
+  __shared__ float partial[means_threads][w];
+  const int chunk = threadIdx.x % chunks, first_row = threadIdx.x / chunks;
+  const std::int64_t units = table[p.seqs.count].block_offset * p.kv_heads;
+  struct unit_keys {
+    const T* first;  // this thread's chunk of the unit's first key
+    std::int64_t count, copies;
+  };
+  auto keys_of = [&](std::int64_t unit) {
+    const std::int64_t gblock = unit / p.kv_heads, kvh = unit % p.kv_heads;
+    const std::int64_t s = find_sequence(table, p.seqs.count, gblock, [](const sequence_desc& e) { return e.block_offset; });
+    const sequence_desc& e = table[s];
+    const std::int64_t j = gblock - e.block_offset, begin = core::block_begin(j, p.block_size);
+    const std::int64_t count = core::block_end(j, p.block_size, e.seq.k_len) - begin;
+    return unit_keys{row_ptr(p.k, e.seq.batch, e.seq.k_start + begin, kvh) + chunk * w, count,
+                     (count + rows_per_copy - 1) / rows_per_copy};
+  };
+  // Copy m of a unit: key first_row + m * rows_per_copy (zeros past the block); always one group, so
+  // that the wait counts stay uniform.
+  auto copy = [&](const unit_keys& u, std::int64_t m) {
+    if (m < u.copies) {
+      const std::int64_t t = first_row + m * rows_per_copy;
+      cp_async_16(ring[m % means_depth][threadIdx.x], u.first + (t < u.count ? t : 0) * p.k.stride[1], t < u.count);
+    }
+    cp_async_commit();
+  };
+  unit_keys u = keys_of(blockIdx.x);  // the grid has at most `units` CTAs
+  for (int m = 0; m < means_depth - 1; ++m) copy(u, m);
+  for (std::int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    float sum[w] = {};  // SPEC §Blocks 2: accumulate in fp32
+    for (std::int64_t m = 0; m < u.copies; ++m) {
+      cp_async_wait<means_depth - 2>();
+      asm volatile("" ::: "memory");  // the ring is read after the wait
+      float f[w];
+      if constexpr (w == 8) unpack_floats<T>(*reinterpret_cast<const uint4*>(ring[m % means_depth][threadIdx.x]), f);
+      else
 #pragma unroll
-    for (int u = 0; u < w; ++u) sum[u] += f[u];
-  }
+        for (int x = 0; x < w; ++x) f[x] = to_float(ring[m % means_depth][threadIdx.x][x]);
 #pragma unroll
-  for (int u = 0; u < w; ++u) partial[threadIdx.x * w + u] = sum[u];
-  __syncthreads();
-  if (threadIdx.x < D) {
-    const int d = threadIdx.x;
-    float total = 0;
-    for (int x = 0; x < groups; ++x) total += partial[(x * chunks + d / w) * w + d % w];
-    bfloat16 piece[kbar_pieces];
-    split_bf16(total / static_cast<float>(count), piece);
-    for (int n = 0; n < kbar_pieces; ++n) kbar[((gblock * p.kv_heads + kvh) * kbar_pieces + n) * D + d] = piece[n];
+      for (int x = 0; x < w; ++x) sum[x] += f[x];
+      copy(u, m + means_depth - 1);  // into the slot read one copy ago
+    }
+    const std::int64_t count = u.count;
+#pragma unroll
+    for (int x = 0; x < w; ++x) partial[threadIdx.x][x] = sum[x];
+    cp_async_wait<0>();
+    __syncthreads();
+    if (unit + gridDim.x < units) {  // the next unit's first copies fly while this one is reduced
+      u = keys_of(unit + gridDim.x);
+      for (int m = 0; m < means_depth - 1; ++m) copy(u, m);
+    }
+    if (threadIdx.x < D) {
+      const int d = threadIdx.x;
+      float total = 0;
+      for (int r = 0; r < rows_per_copy; ++r) total += partial[r * chunks + d / w][d % w];
+      bfloat16 piece[kbar_pieces];
+      split_bf16(total / static_cast<float>(count), piece);
+      for (int n = 0; n < kbar_pieces; ++n) kbar[(unit * kbar_pieces + n) * D + d] = piece[n];
+      __threadfence();  // the pieces are visible before the flag
+    }
+    __syncthreads();  // also frees `partial` for the next unit
+    if (threadIdx.x == 0) *reinterpret_cast<volatile unsigned*>(ready + unit) = 1u;
   }
 }
 
@@ -203,7 +261,8 @@ inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads 
 /// counted in its slots as its selection is written (slots.cuh).
 template <class T, int D, int List>
 __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
-    gate_kernel(core::fwd_params<T> p, const sequence_desc* table, const bfloat16* kbar, std::int32_t* sel, slot_tally tally) {
+    gate_kernel(core::fwd_params<T> p, const sequence_desc* table, const bfloat16* kbar, const unsigned* ready,
+                std::int32_t* sel, slot_tally tally) {
   extern __shared__ unsigned char gate_raw[];
   auto& sm = *reinterpret_cast<gate_smem<T, D>*>(align_1024(gate_raw));
   constexpr int qp = q_pieces<T>;
@@ -229,28 +288,36 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
       load_tile_async<bfloat16, D, gate_tile_blocks, gate_scorers>(sm.kbar[tile % gate_kbar_stages<T>][n], first + n * D, stride, valid);
     cp_async_commit();
   };
-  if (scorer)
-    for (int tile = 0; tile < gate_kbar_stages<T> - 1; ++tile) load_kbar(tile);
 
-  // All of a thread's query loads are issued before its first shared-memory store, so that they are
-  // in flight together (stores the compiler could not tell apart from them spaced them one DRAM
-  // round trip apart).
+  // bf16 queries are their own piece: copied straight into the tile, in flight while the CTA waits
+  // for the block means it reads.
   constexpr int w = load_width<T>, q_loads = tile_rows * D / w / attention_threads;
   const T* q_first = row_ptr(p.q, e.seq.batch, e.seq.q_start + i0, h);
-  load_unit<T> raw[q_loads];
-#pragma unroll
-  for (int it = 0; it < q_loads; ++it) {
-    const int x = threadIdx.x + it * attention_threads, r = x / (D / w), d = x % (D / w) * w;
-    raw[it] = r < rows ? *reinterpret_cast<const load_unit<T>*>(q_first + r * p.q.stride[1] + d) : load_unit<T>{};
+  if constexpr (qp == 1) {
+    load_tile_async<bfloat16, D, tile_rows, attention_threads>(sm.q[0], q_first, p.q.stride[1], static_cast<int>(rows));
+    cp_async_commit();
   }
+  const unsigned* flags = ready + e.block_offset * p.kv_heads + kvh;
+  for (std::int64_t j = threadIdx.x; j < c_last; j += attention_threads)
+    while (load_acquire(flags + j * p.kv_heads) == 0) __nanosleep(128);
+  __syncthreads();  // the means of every block this CTA reads are in place
+  if (scorer)
+    for (int tile = 0; tile < gate_kbar_stages<T> - 1; ++tile) load_kbar(tile);
+  if constexpr (qp > 1) {
+    // f16 and float queries are split into pieces. All of a thread's loads are issued before its first
+    // shared-memory store, so that they are in flight together (stores the compiler could not tell
+    // apart from them spaced them one DRAM round trip apart).
+    load_unit<T> raw[q_loads];
 #pragma unroll
-  for (int it = 0; it < q_loads; ++it) {
-    const int x = threadIdx.x + it * attention_threads, r = x / (D / w), d = x % (D / w) * w;
-    // w consecutive elements lie in one 16-byte chunk of the swizzled row
-    auto at = [&](int n) { return reinterpret_cast<unsigned char*>(sm.q[n]) + swizzled_offset<tile_rows>(r, d); };
-    if constexpr (std::is_same_v<T, bfloat16>) {
-      *reinterpret_cast<uint4*>(at(0)) = raw[it];  // a bf16 query is its own single piece
-    } else {
+    for (int it = 0; it < q_loads; ++it) {
+      const int x = threadIdx.x + it * attention_threads, r = x / (D / w), d = x % (D / w) * w;
+      raw[it] = r < rows ? *reinterpret_cast<const load_unit<T>*>(q_first + r * p.q.stride[1] + d) : load_unit<T>{};
+    }
+#pragma unroll
+    for (int it = 0; it < q_loads; ++it) {
+      const int x = threadIdx.x + it * attention_threads, r = x / (D / w), d = x % (D / w) * w;
+      // w consecutive elements lie in one 16-byte chunk of the swizzled row
+      auto at = [&](int n) { return reinterpret_cast<unsigned char*>(sm.q[n]) + swizzled_offset<tile_rows>(r, d); };
       float f[w];
       unpack_floats<T>(raw[it], f);
       alignas(16) bfloat16 piece[qp][w];
@@ -268,7 +335,8 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
       }
     }
   }
-  cp_async_wait<gate_kbar_stages<T> - 2>();
+  if (scorer) cp_async_wait<gate_kbar_stages<T> - 2>();  // the queries (bf16) and the first kbar stage
+  else cp_async_wait<0>();
   __syncthreads();  // the query pieces and the first kbar stage are in place
 
   // The ranker's row and its best keys so far: appended until there are `want`, then a min-heap
@@ -407,6 +475,9 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
     const std::int64_t width = p.selected.given() && p.selected.extent[3] > p.top_k ? p.selected.extent[3] : p.top_k;
     for (std::int64_t w = want; w < width; ++w) store_selection(p, e, i0 + row, h, w, w == want ? static_cast<std::int32_t>(c) : -1, sel);
   }
+  // The gate does not finish before the block means it overlaps (the means of a sequence's last block,
+  // which no query reads, may still run), so the launches after it need not know about them.
+  if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) wait_for_prerequisite_grid();
 }
 
 /// Full mode (every past block, SPEC §Attention): the selection output is 0..c(i), then -1.
