@@ -89,16 +89,16 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* flag) {
 /// kbar `[total_blocks, Hkv, kbar_pieces, D]` bf16 pieces of the fp32 block means, one unit per (block,
 /// kv head), the heads of one block adjacent (together they read whole key rows), a unit's flag in
 /// `ready` set once its pieces are stored. A CTA of means_threads takes units blockIdx.x, blockIdx.x +
-/// gridDim.x, …, leaving room for two gate CTAs beside it. Each thread copies one 16-byte column
-/// chunk of every (means_threads / chunks)-th key of the unit into its own ring of shared memory,
-/// means_depth copies in flight without holding registers, and sums them in fp32; a unit's partial
-/// sums are added in shared memory while the next unit's first copies fly.
+/// gridDim.x, …, leaving room for two gate CTAs beside it. Each thread copies one column chunk
+/// (load_width<T>) of every (means_threads / chunks)-th key of the unit into its own ring of shared
+/// memory, means_depth copies in flight without holding registers, and sums them in fp32; a unit's
+/// partial sums are added in shared memory while the next unit's first copies fly.
 inline constexpr int means_threads = 128, means_depth = 16;
 template <class T, int D>
 __global__ void __launch_bounds__(means_threads, 16) block_means_kernel(core::fwd_params<T> p, const sequence_desc* table,
                                                                          bfloat16* kbar, unsigned* ready) {
   allow_dependent_launch();  // every CTA of this grid is running: the gate can take the room left
-  constexpr int w = 16 / sizeof(T), chunks = D / w, rows_per_copy = means_threads / chunks;
+  constexpr int w = load_width<T>, chunks = D / w, rows_per_copy = means_threads / chunks;
   static_assert(means_threads >= D && means_threads % chunks == 0);
   __shared__ alignas(16) T ring[means_depth][means_threads][w];
   __shared__ float partial[means_threads][w];
@@ -122,7 +122,11 @@ __global__ void __launch_bounds__(means_threads, 16) block_means_kernel(core::fw
   auto copy = [&](const unit_keys& u, std::int64_t m) {
     if (m < u.copies) {
       const std::int64_t t = first_row + m * rows_per_copy;
-      cp_async_16(ring[m % means_depth][threadIdx.x], u.first + (t < u.count ? t : 0) * p.k.stride[1], t < u.count);
+      T* slot = ring[m % means_depth][threadIdx.x];
+      const T* key = u.first + (t < u.count ? t : 0) * p.k.stride[1];
+      if constexpr (w == 8) cp_async_16(slot, key, t < u.count);
+      else if (t < u.count) cp_async_4(slot, key);  // float rows need only be 4-byte aligned
+      else *slot = T{};
     }
     cp_async_commit();
   };
