@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-/// @file moba_bench_cuda: forward time of moba::cuda at the configs of issue 5 (H = 16, D = 128, batch 1).
+/// @file moba_bench_cuda: forward time of moba::cuda at the configs of issue 5 (bf16, H = 16, D = 128, batch 1),
+/// and of f16 and float at some of them.
 /// Manual time from CUDA events around each call, warm-up first, 20 repetitions (read the median),
 /// two input sets used in turn so that L2 never holds the inputs of the timed call. Counters:
 /// flops (attended-pair FLOPs per second, core/flops.hpp), gating_ms (block means + top-k, events
@@ -22,7 +23,7 @@ namespace {
 
 using moba::backends::cuda::check;
 
-/// Normal(0, 1) bf16 values generated on the device (fast at 512K tokens), never zero by construction
+/// Normal(0, 1) values generated on the device (fast at 512K tokens), never zero by construction
 /// of the hash: each element is a sum of four uniform draws, centred and scaled.
 template <class T>
 __global__ void fill_random(T* x, std::int64_t n, std::uint64_t seed) {
@@ -104,25 +105,31 @@ void bench_forward(benchmark::State& state, std::int64_t n, std::int64_t block, 
   for (cudaEvent_t e : {start, stop, gate0, gate1}) cudaEventDestroy(e);
 }
 
+/// Registers one benchmark named cuda/<dtype>/<mode>/N=…/H=16/D=128/B=…/K=….
+template <class T>
+void register_config(const char* dtype, std::int64_t n, std::int64_t block, std::int64_t top_k, bool full) {
+  const std::string name = std::string("cuda/") + dtype + (full ? "/full" : "/sparse") + "/N=" + std::to_string(n) +
+                           "/H=16/D=128/B=" + std::to_string(block) + "/K=" + std::to_string(top_k);
+  benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { bench_forward<T>(s, n, block, top_k, full); })
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(1)
+      ->Repetitions(20)
+      ->ReportAggregatesOnly(true);
+}
+
 void register_all() {
   struct cfg {
     std::int64_t n, block, top_k;
     bool full;
   };
+  // bf16 at the configs of issue 5; the other dtypes at 32K (and f16 at 128K) for their speed beside bf16
   const std::vector<cfg> configs = {{32768, 512, 3, false},   {131072, 2048, 3, false}, {524288, 8192, 3, false},
                                     {131072, 128, 16, false}, {32768, 512, 3, true},    {131072, 2048, 3, true}};
-  for (const cfg& c : configs) {
-    const std::string name = std::string("cuda/bf16/") + (c.full ? "full" : "sparse") + "/N=" + std::to_string(c.n) +
-                             "/H=16/D=128/B=" + std::to_string(c.block) + "/K=" + std::to_string(c.top_k);
-    benchmark::RegisterBenchmark(name.c_str(), [c](benchmark::State& s) {
-      bench_forward<moba::bfloat16>(s, c.n, c.block, c.top_k, c.full);
-    })
-        ->UseManualTime()
-        ->Unit(benchmark::kMillisecond)
-        ->Iterations(1)
-        ->Repetitions(20)
-        ->ReportAggregatesOnly(true);
-  }
+  for (const cfg& c : configs) register_config<moba::bfloat16>("bf16", c.n, c.block, c.top_k, c.full);
+  register_config<moba::float16>("f16", 32768, 512, 3, false);
+  register_config<moba::float16>("f16", 131072, 2048, 3, false);
+  register_config<float>("f32", 32768, 512, 3, false);
 }
 
 }  // namespace
