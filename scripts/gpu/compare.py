@@ -2,8 +2,10 @@
 # SPDX-License-Identifier: MIT
 """On the GPU machine: PyTorch baselines beside moba_bench_cuda, at issue 5's configs (bf16, batch 1,
 16 heads, head dim 128): SDPA dense causal (cuDNN and FlashAttention-2 backends) and FlexAttention
-with the MoBA block mask (fp32 gate, the same selection rule). Prints ms (median of CUDA-event
-timings), TFLOP/s on the pairs each one attends (4·D FLOPs per pair) and extra device memory.
+with the MoBA block mask (fp32 gate, the same selection rule), and FlashMoBA (mit-han-lab/flash-moba)
+where a build of it can be imported: this project ships no copy of it and no script that builds it.
+Prints ms (median of CUDA-event timings), TFLOP/s on the pairs each one attends (4·D FLOPs per pair)
+and extra device memory.
 Usage: python3 scripts/gpu/compare.py [--flex-max N] > table; JSON lines go to $OUT/compare.jsonl."""
 import argparse, json, os, statistics
 import torch
@@ -50,6 +52,26 @@ def moba_selection(q, k, block, top_k):
     return sel
 
 
+def flashmoba_rows(fm, q, k, v, block, top_k):
+    """FlashMoBA's varlen forward with its own gate (block means, top-k with the current block counted
+    in top_k as here, sort), called as its authors' benchmark does; its gate alone is printed too."""
+    n = q.shape[2]
+    pq, pk, pv = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # [N, H, D]
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    base = torch.cuda.memory_allocated()
+    reps = 3 if n > 200000 else 10
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        ms = timed(lambda: fm.flash_moba_varlen_func(pq, pk, pv, cu, cu, n, n, block, top_k, causal=True), reps)
+        extra = torch.cuda.max_memory_allocated() - base - q.numel() * 2  # beyond its output, as for SDPA
+        gate_ms = timed(lambda: fm.flash_topk_varlen_func(pq, pk, cu, cu, n, n, top_k, block, causal=True), reps)
+        print(f"  (FlashMoBA gate alone: {gate_ms:.2f} ms)")
+        return [(f"flashmoba/sparse/N={n}/B={block}/K={top_k}", ms, 4.0 * D * moba_pairs(n, block, top_k), extra)]
+    except Exception as e:
+        print(f"flashmoba N={n}: {type(e).__name__}: {str(e)[:200]}")
+        return []
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--flex-max", type=int, default=131072)
@@ -58,6 +80,11 @@ def main():
     out = open(os.path.join(os.environ.get("OUT", "."), "compare.jsonl"), "a")
     configs = [(32768, 512, 3), (131072, 2048, 3), (524288, 8192, 3), (131072, 128, 16)]
     dense_done = set()
+    try:
+        import flash_moba as flashmoba
+    except ImportError:
+        flashmoba = None
+        print("FlashMoBA: not importable here, not run")
     print(f"{'what':44s} {'ms':>10s} {'TFLOP/s':>9s} {'extra MiB':>10s}")
     for n, block, top_k in configs:
         g = torch.Generator(device="cuda").manual_seed(n + block)
@@ -97,6 +124,8 @@ def main():
                 del sel, bm
             except Exception as e:
                 print(f"flex N={n}: {type(e).__name__}: {str(e)[:200]}")
+        if flashmoba is not None:
+            rows += flashmoba_rows(flashmoba, q, k, v, block, top_k)
         for name, ms, flops, extra in rows:
             print(f"{name:44s} {ms:10.2f} {flops / ms / 1e9:9.1f} {extra / 2**20:10.1f}")
             out.write(json.dumps({"name": name, "ms": ms, "tflops": flops / ms / 1e9, "extra_bytes": extra}) + "\n")
