@@ -149,8 +149,7 @@ __global__ void __launch_bounds__(means_threads, 16) block_means_kernel(core::fw
     const std::int64_t count = u.count;
 #pragma unroll
     for (int x = 0; x < w; ++x) partial[threadIdx.x][x] = sum[x];
-    cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();  // `partial` is complete; the copies still pending are empty groups
     if (unit + gridDim.x < units) {  // the next unit's first copies fly while this one is reduced
       u = keys_of(unit + gridDim.x);
       for (int m = 0; m < means_depth - 1; ++m) copy(u, m);
