@@ -194,12 +194,14 @@ __device__ __forceinline__ std::int32_t key_block(std::uint64_t key) {
   return static_cast<std::int32_t>(0xffffffffu - static_cast<std::uint32_t>(key));
 }
 
-/// The score of a rank key, as a float that a block's score must reach to beat the key (a NaN
+/// The score of an ordered_score, as a float that a block's score must reach to beat it (a NaN
 /// score, which every number beats, becomes -inf).
-__device__ __forceinline__ float key_score(std::uint64_t key) {
-  const auto u = static_cast<std::uint32_t>(key >> 32);
+__device__ __forceinline__ float ordered_floor(std::uint32_t u) {
   return u == 0 ? -INFINITY : __uint_as_float(u & 0x80000000u ? u & 0x7fffffffu : ~u);
 }
+
+/// The score of a rank key, as ordered_floor.
+__device__ __forceinline__ float key_score(std::uint64_t key) { return ordered_floor(static_cast<std::uint32_t>(key >> 32)); }
 
 /// Sifts `key` down the 4-ary min-heap `heap` of `size` keys (entry n at heap[n * tile_rows]) from
 /// entry n; returns the root afterwards (when n is 0). With four children per entry the 15 keys of
@@ -245,8 +247,8 @@ struct gate_smem {
   }
 };
 
-/// Most best keys a gate row keeps in registers (gate_kernel's List); each insert runs through the
-/// whole list, so top_k <= 3 (the paper's 3) gets a list of 2 and top_k <= 5 one of 4.
+/// Most best keys a gate row keeps in registers (gate_kernel's List); every block of a tile runs
+/// through the whole list, so top_k <= 3 (the paper's 3) gets a list of 2 and top_k <= 5 one of 4.
 inline constexpr int gate_list_keys = 4;
 
 /// Warp roles of the gate: warps 0–3 rank (a thread per query row), warps 4–7 score (32 rows per
@@ -258,8 +260,9 @@ inline constexpr int gate_rankers = tile_rows, gate_scorers = attention_threads 
 /// the pieces (split_bf16) with fp32 accumulation: fp32 scores, never written to global memory.
 /// Per tile of blocks, the scorer warps write the scores to a shared-memory buffer; one ranker
 /// thread per row keeps the row's best K−1 as rank_key values in a shared-memory min-heap whose
-/// root, kept as a register bar, rejects most blocks; with List > 0 (K − 1 <= List) the keys stay in
-/// registers instead, where an insert waits for no shared-memory round trip. Two score buffers let
+/// root, kept as a register bar, rejects most blocks; with List > 0 (K − 1 <= List) a sorted list in
+/// registers takes every block of a tile without branches instead (no shared-memory round trip, no
+/// warp divergence over candidates). Two score buffers let
 /// the scorers compute one tile while the rankers rank the previous. With a tally, each row is also
 /// counted in its slots as its selection is written (slots.cuh).
 template <class T, int D, int List>
@@ -350,11 +353,16 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
   const int want = static_cast<int>(core::history_count(c, p.top_k, false));
   int size = 0;
   std::uint64_t bar = 0;  // keys must exceed it (every key is > 0)
-  // The register list: ascending, so list[0] is the bar; entries past `want` hold the largest key,
-  // which no insert moves, and the others start at 0, so the list is full once list[0] != 0.
-  std::uint64_t list[List > 0 ? List : 1];
+  // The register list: the best blocks' ordered_score + 1 (so that a NaN, 1, still beats an empty
+  // entry, 0), ascending, so list[0] is the bar; entries past `want` hold the largest value, which no
+  // insert moves, and the others start empty, so the list is full once list[0] != 0.
+  std::uint32_t list[List > 0 ? List : 1];
+  std::int32_t list_block[List > 0 ? List : 1];
 #pragma unroll
-  for (int n = 0; n < List; ++n) list[n] = n < want ? 0 : ~std::uint64_t{0};
+  for (int n = 0; n < List; ++n) {
+    list[n] = n < want ? 0u : ~0u;
+    list_block[n] = 0;
+  }
 
   const int row0 = (warp - gate_rankers / 32) * 32;  // a scorer warp's 32 rows, as two 16-row mma tiles
   auto score_tile = [&](int tile) {
@@ -394,14 +402,48 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
           *reinterpret_cast<float2*>(sm.score_row(buf, row0 + m * 16 + lane / 4 + 4 * x) + nt * 8 + 2 * t) =
               make_float2(score[m][4 * nt + x], score[m][4 * nt + x + 1]);
   };
+  // The register list ranks every eligible block of a tile without branches: a block enters when it
+  // beats the lowest entry strictly (blocks come in ascending order, so of equal scores the earlier
+  // stays ahead, SPEC §Blocks 5) and goes to its place. A warp skips a tile where no row of it has a
+  // block that reaches its bar.
+  auto rank_tile_in_list = [&](int tile) {
+    const float* mine = sm.score_row(tile % 2, row);
+    const std::int64_t j0 = tile * static_cast<std::int64_t>(gate_tile_blocks);
+    const std::int64_t eligible = c - j0;  // SPEC §Blocks 4: only blocks wholly in the past
+    float f[gate_tile_blocks];
+#pragma unroll
+    for (int col = 0; col < gate_tile_blocks; col += 4) *reinterpret_cast<float4*>(f + col) = *reinterpret_cast<const float4*>(mine + col);
+    const float floor = ordered_floor(list[0] > 0 ? list[0] - 1 : 0);
+    bool reach = false;
+#pragma unroll
+    for (int col = 0; col < gate_tile_blocks; ++col) reach |= col < eligible && (list[0] == 0 || f[col] >= floor);
+    if (!__any_sync(~0u, reach)) return;
+#pragma unroll
+    for (int col = 0; col < gate_tile_blocks; ++col) {
+      const std::uint32_t key = col < eligible ? ordered_score(f[col]) + 1 : 0u;
+      const std::int32_t block = static_cast<std::int32_t>(j0 + col);
+      // entry n takes entry n + 1 when the key beats that, else the key when it beats entry n
+#pragma unroll
+      for (int n = 0; n < List; ++n) {
+        const bool above_next = n + 1 < List && key > list[n + 1];
+        if (above_next) {
+          list[n] = list[n + 1];
+          list_block[n] = list_block[n + 1];
+        } else if (key > list[n]) {
+          list[n] = key;
+          list_block[n] = block;
+        }
+      }
+    }
+  };
   auto rank_tile = [&](int tile) {
     const int buf = tile % 2;
     const std::int64_t j0 = tile * static_cast<std::int64_t>(gate_tile_blocks);
     if (want == 0) return;
     const float* mine = sm.score_row(buf, row);
-    // The blocks whose score reaches the bar's. Once the list is full only those are ranked, so a
+    // The blocks whose score reaches the bar's. Once the heap is full only those are ranked, so a
     // warp's 32 rows diverge over a few candidates, not over every block. A NaN never passes: it
-    // cannot beat a full list (it ranks last, and later blocks lose ties).
+    // cannot beat a full heap (it ranks last, and later blocks lose ties).
     const auto reaching_bar = [&] {
       const float floor = key_score(bar);
       std::uint32_t reach = 0;
@@ -419,28 +461,17 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
     const std::int64_t eligible = c - j0;
     constexpr std::uint32_t all = ~0u >> (32 - gate_tile_blocks);
     std::uint32_t maybe = eligible >= gate_tile_blocks ? all : eligible > 0 ? (1u << eligible) - 1 : 0u;
-    if (bar != 0) maybe &= reaching_bar();  // the list is full
+    if (bar != 0) maybe &= reaching_bar();  // the heap is full
     while (maybe != 0) {
       const int col = __ffs(maybe) - 1;
       maybe &= maybe - 1;
       const std::uint64_t key = rank_key(mine[col], j0 + col);
       if (key <= bar) continue;
-      if constexpr (List > 0) {
-        const bool filling = bar == 0;
-        list[0] = key;  // replaces the lowest, then moves up to its place
-#pragma unroll
-        for (int n = 0; n + 1 < List; ++n) {
-          const std::uint64_t low = list[n] < list[n + 1] ? list[n] : list[n + 1];
-          list[n + 1] = list[n] < list[n + 1] ? list[n + 1] : list[n];
-          list[n] = low;
-        }
-        bar = list[0];
-        if (filling && bar != 0) maybe &= reaching_bar();  // the list just filled
-      } else if (size < want) {
+      if (size < want) {
         best[size++ * tile_rows] = key;
         if (size < want) continue;
         for (int n = (want - 2) / 4; n >= 0; --n) bar = sift_down(best, want, n, best[n * tile_rows]);
-        maybe &= reaching_bar();  // the list just filled
+        maybe &= reaching_bar();  // the heap just filled
       } else {
         bar = sift_down(best, want, 0, key);  // the new key replaces the lowest
       }
@@ -455,14 +486,17 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
       score_tile(step);
       cp_async_wait<gate_kbar_stages<T> - 2>();  // tile step + 1 has landed
     }
-    if (!scorer && step > 0) rank_tile(step - 1);
+    if (!scorer && step > 0) {
+      if constexpr (List > 0) rank_tile_in_list(step - 1);
+      else rank_tile(step - 1);
+    }
     __syncthreads();
   }
 
   if constexpr (List > 0)  // the list takes the heap's place, where the selection is read from
 #pragma unroll
     for (int n = 0; n < List; ++n)
-      if (n < want) best[n * tile_rows] = list[n];
+      if (n < want) best[n * tile_rows] = rank_key(0.f, list_block[n]);
   if (!scorer && row < rows) {
     // SPEC output order is ascending: a history block's place is the number of smaller ones, and the
     // current block comes after them all (no local-memory sort).
