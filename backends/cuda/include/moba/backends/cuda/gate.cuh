@@ -493,7 +493,7 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
     __syncthreads();
   }
 
-  if constexpr (List > 0)  // the list takes the heap's place, where the selection is read from
+  if constexpr (List > 0)  // the list takes the heap's place, where the selection reads each key's block
 #pragma unroll
     for (int n = 0; n < List; ++n)
       if (n < want) best[n * tile_rows] = rank_key(0.f, list_block[n]);
