@@ -76,11 +76,17 @@ class attention {
   /// Computes out (and lse, selected when given). Every argument is checked first; on error a
   /// moba::invalid_argument is thrown and no output has been touched.
   void forward(const forward_args<Dtype>& a) {
-    const core::fwd_params<Dtype> p = detail::make_fwd_params<Dtype>(cfg_, a.q, a.k, a.v, a.out, a.lse, a.selected,
-                                                                      a.cu_seqlens_q, a.cu_seqlens_k);
-    require_head_dim(p.head_dim);
+    const core::fwd_params<Dtype> p = forward_params(a);
     impl_.check(p);
     impl_.forward(p);
+  }
+
+  /// Bytes of workspace `forward(a)` needs, on backends that can run in caller memory (moba::cuda:
+  /// `backend().set_workspace(ptr, bytes)`). The arguments are checked as forward checks them.
+  std::int64_t workspace_size(const forward_args<Dtype>& a) const
+    requires requires(const backend_impl<Backend, Dtype>& b, const core::fwd_params<Dtype>& p) { b.workspace_size(p); }
+  {
+    return impl_.workspace_size(forward_params(a));
   }
 
   /// Computes dq, dk, dv (SPEC §Backward). Checked like forward; available on backends that
@@ -113,6 +119,12 @@ class attention {
   backend_impl<Backend, Dtype>& backend() { return impl_; }
 
  private:
+  core::fwd_params<Dtype> forward_params(const forward_args<Dtype>& a) const {
+    const core::fwd_params<Dtype> p = detail::make_fwd_params<Dtype>(cfg_, a.q, a.k, a.v, a.out, a.lse, a.selected,
+                                                                      a.cu_seqlens_q, a.cu_seqlens_k);
+    require_head_dim(p.head_dim);
+    return p;
+  }
   static void require_head_dim(std::int64_t d) {
     using impl = backend_impl<Backend, Dtype>;
     detail::require(impl::supports_head_dim(d), impl::name, " supports head dims ", impl::head_dims(), "; got ", d);

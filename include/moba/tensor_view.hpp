@@ -37,9 +37,12 @@ struct tensor_view {
 
   MOBA_HOST_DEVICE bool given() const { return data != nullptr; }
 
-  /// A read-only view of the same elements.
-  MOBA_HOST_DEVICE operator tensor_view<const T, Rank>() const {
-    tensor_view<const T, Rank> v;
+  /// A read-only view of the same elements. A template, so that a view of const elements (which is
+  /// one already) declares no conversion to its own type, which nvcc warns of (#554).
+  template <class U>
+    requires(std::is_same_v<U, T> && !std::is_const_v<T>)
+  MOBA_HOST_DEVICE operator tensor_view<const U, Rank>() const {
+    tensor_view<const U, Rank> v;
     v.data = data;
     for (int r = 0; r < Rank; ++r) {
       v.extent[r] = extent[r];

@@ -73,10 +73,11 @@ TEST_CASE("moba::cuda: a caller workspace and a stream give the same result; a s
   moba::test::device_copy o(moba::packed(out.data(), 700, 2, 128));
   moba::forward_args<T> args{.q = q.view(), .k = k.view(), .v = v.view(), .out = o.view(),
                              .cu_seqlens_q = t.cu_q, .cu_seqlens_k = t.cu_k};
-  const auto p = moba::detail::make_fwd_params<T>(attn.cfg(), args.q, args.k, args.v, args.out, args.lse,
-                                                  args.selected, args.cu_seqlens_q, args.cu_seqlens_k);
-  const std::int64_t need = attn.backend().workspace_size(p);
+  const std::int64_t need = attn.workspace_size(args);
   CHECK(need > 0);
+  moba::forward_args<T> wrong_dim = args;  // the query is checked as forward checks it
+  wrong_dim.out = moba::packed(o.view().data, 700, 2, 64);
+  CHECK_THROWS_AS(attn.workspace_size(wrong_dim), std::invalid_argument);
   void* ws = nullptr;
   MOBA_CUDA_CHECK(cudaMalloc(&ws, need));
   attn.backend().set_workspace(ws, need - 256);

@@ -102,7 +102,8 @@ namespace moba {
 /// Tensors are device pointers; cu_seqlens stay host arrays (the validator reads them), and the
 /// per-sequence table built from them is uploaded on `stream` through a pinned staging buffer.
 /// Work is enqueued on `stream` without synchronising the device; growing the owned workspace
-/// uses stream-ordered cudaMallocAsync/cudaFreeAsync. Errors throw moba::device_error.
+/// uses stream-ordered cudaMallocAsync/cudaFreeAsync, so the stream must outlive the object (its
+/// destructor frees the workspace on it). Errors throw moba::device_error.
 template <class Dtype>
 struct backend_impl<cuda, Dtype> {
   static constexpr const char* name = "moba::cuda";
@@ -131,6 +132,8 @@ struct backend_impl<cuda, Dtype> {
   static std::string head_dims() { return head_dim_list::describe(); }
 
   cudaStream_t stream() const { return stream_; }
+  /// Later calls run on `s`. They reuse the workspace of the calls before, so what still runs on the
+  /// old stream must be ordered before them (an event, or a synchronisation).
   void set_stream(cudaStream_t s) { stream_ = s; }
 
   /// Device workspace bytes a forward call with these parameters needs (sequence table, block means,
