@@ -82,7 +82,8 @@ class attention {
   }
 
   /// Bytes of workspace `forward(a)` needs, on backends that can run in caller memory (moba::cuda:
-  /// `backend().set_workspace(ptr, bytes)`). The arguments are checked as forward checks them.
+  /// `backend().set_workspace(ptr, bytes)`). The arguments are validated as forward validates them; the
+  /// backend's own limits (alignment, top_k, the workspace's size) are left to forward.
   std::int64_t workspace_size(const forward_args<Dtype>& a) const
     requires requires(const backend_impl<Backend, Dtype>& b, const core::fwd_params<Dtype>& p) { b.workspace_size(p); }
   {

@@ -75,7 +75,7 @@ TEST_CASE("moba::cuda: a caller workspace and a stream give the same result; a s
                              .cu_seqlens_q = t.cu_q, .cu_seqlens_k = t.cu_k};
   const std::int64_t need = attn.workspace_size(args);
   CHECK(need > 0);
-  moba::forward_args<T> wrong_dim = args;  // checked as forward checks it: out's head dim is not q's
+  moba::forward_args<T> wrong_dim = args;  // validated as forward's: out's head dim is not q's
   wrong_dim.out = moba::packed(o.view().data, 700, 2, 64);
   CHECK_THROWS_AS(attn.workspace_size(wrong_dim), std::invalid_argument);
   void* ws = nullptr;
