@@ -22,12 +22,17 @@ struct sequence_info {
 
 /// Either `cu_seqlens_q/k` (count + 1 offsets into the seq dimension of a batch-1 view) or, when
 /// they are null, `count` padded sequences of lengths `padded_q_len`, `padded_k_len`.
+/// `max_q_len`/`max_k_len` bound every sequence's lengths (exact for host offsets and padding).
+/// `on_device`: the offsets lie in device memory (moba::cuda), unchecked; the host must not index them.
 struct sequence_layout {
   const std::int32_t* cu_seqlens_q = nullptr;
   const std::int32_t* cu_seqlens_k = nullptr;
   std::int64_t count = 0;
   std::int64_t padded_q_len = 0;
   std::int64_t padded_k_len = 0;
+  std::int64_t max_q_len = 0;
+  std::int64_t max_k_len = 0;
+  bool on_device = false;
 
   MOBA_HOST_DEVICE sequence_info operator[](std::int64_t s) const {
     if (cu_seqlens_q != nullptr) {

@@ -111,8 +111,12 @@ TEST_CASE("offsets are 64-bit: a million tokens x 32 heads x 128 dims validates 
   const std::vector<std::int32_t> cu{0, static_cast<std::int32_t>(tokens)};
   moba::config cfg;
   const auto p = moba::detail::make_fwd_params<moba::bfloat16>(
-      cfg, moba::packed(q, tokens, heads, dim), moba::packed(k, tokens, heads, dim), moba::packed(v, tokens, heads, dim),
-      moba::packed(out, tokens, heads, dim), {}, {}, cu, cu);
+      cfg, {.q = moba::packed(q, tokens, heads, dim),
+            .k = moba::packed(k, tokens, heads, dim),
+            .v = moba::packed(v, tokens, heads, dim),
+            .out = moba::packed(out, tokens, heads, dim),
+            .cu_seqlens_q = cu,
+            .cu_seqlens_k = cu});
   CHECK(&p.out(0, tokens - 1, heads - 1, dim - 1) - out == tokens * heads * dim - 1);
   CHECK(p.seqs[0].k_len == tokens);
 }

@@ -8,16 +8,18 @@
 
 namespace moba::core {
 
-/// Number of key blocks of a sequence of `k_len` keys; the last may be partial.
+/// Number of key blocks of a sequence of `k_len` keys; the last may be partial. Written without
+/// `k_len + block_size - 1`, which overflows for block sizes near 2^63.
 MOBA_HOST_DEVICE std::int64_t block_count(std::int64_t k_len, std::int64_t block_size) {
-  return (k_len + block_size - 1) / block_size;
+  return k_len / block_size + (k_len % block_size != 0);
 }
 
 MOBA_HOST_DEVICE std::int64_t block_begin(std::int64_t j, std::int64_t block_size) { return j * block_size; }
 
+/// End of block j clipped to `k_len`; for a block that begins at or before k_len, without overflow.
 MOBA_HOST_DEVICE std::int64_t block_end(std::int64_t j, std::int64_t block_size, std::int64_t k_len) {
-  const std::int64_t end = (j + 1) * block_size;
-  return end < k_len ? end : k_len;
+  const std::int64_t begin = j * block_size;
+  return k_len - begin > block_size ? begin + block_size : k_len;
 }
 
 /// The block holding key position `pos`: the query's current block c(i) = floor(pos / B).

@@ -48,6 +48,12 @@ MOBA_HOST_DEVICE std::int64_t history_count(std::int64_t current, std::int64_t t
   return current < top_k - 1 ? current : top_k - 1;
 }
 
+/// Entries a selection needs for queries whose current block is at most `last_current`: the current
+/// block plus its history blocks (SPEC §Blocks 5); the width of the `selected` output.
+MOBA_HOST_DEVICE std::int64_t selection_width(std::int64_t last_current, std::int64_t top_k, bool full) {
+  return history_count(last_current, top_k, full) + 1;
+}
+
 /// Sort block indices ascending in place (insertion sort: selections are short).
 MOBA_HOST_DEVICE void sort_ascending(std::int64_t* idx, std::int64_t n) {
   for (std::int64_t i = 1; i < n; ++i) {

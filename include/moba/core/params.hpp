@@ -39,6 +39,10 @@ struct fwd_params : problem<T> {
   view4<T> out;                           // like q
   tensor_view<accum_t<T>, 3> lse;         // [batch, seq, Hq], optional (data == nullptr)
   tensor_view<std::int32_t, 4> selected;  // [batch, seq, Hq, width], optional
+  /// Optional input `[batch, seq, Hq, width]`: the blocks each query attends, in place of the gate
+  /// (SPEC §Blocks 7); top_k and mode then do not matter.
+  tensor_view<const std::int32_t, 4> selection;
+  bool gate_only = false;  // attention::gate: write `selected`, compute no attention
 };
 
 /// SPEC §Backward: gradients of the forward pass with the selection held fixed.

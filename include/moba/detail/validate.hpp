@@ -10,8 +10,12 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <vector>
 
+#include <moba/args.hpp>
 #include <moba/config.hpp>
+#include <moba/core/blocks.hpp>
+#include <moba/core/gate.hpp>
 #include <moba/core/params.hpp>
 #include <moba/error.hpp>
 #include <moba/kv_cache.hpp>
@@ -19,11 +23,16 @@
 
 namespace moba::detail {
 
+/// Largest |softmax_scale| accepted (SPEC §Inputs): beyond it the scaled scores of ordinary inputs
+/// overflow the fp32 arithmetic of the fast backends.
+inline constexpr double max_softmax_scale = 65536;
+
 inline void validate_config(const config& cfg) {
   require(cfg.block_size >= 1, "block_size = ", cfg.block_size, "; it must be >= 1");
   require(cfg.top_k >= 1, "top_k = ", cfg.top_k, "; it must be >= 1");
   if (cfg.softmax_scale) {
-    require(std::isfinite(*cfg.softmax_scale), "softmax_scale = ", *cfg.softmax_scale, "; it must be finite");
+    require(std::isfinite(*cfg.softmax_scale) && std::abs(*cfg.softmax_scale) <= max_softmax_scale, "softmax_scale = ",
+            *cfg.softmax_scale, "; it must be finite with |softmax_scale| <= ", max_softmax_scale);
   }
 }
 
@@ -58,6 +67,33 @@ byte_span checked_span(const tensor_view<T, Rank>& view, const char* name) {
           static_cast<const void*>(view.data), " is not aligned to ", alignof(T), " bytes");
   const auto begin = reinterpret_cast<std::uintptr_t>(view.data);
   return {begin, begin + static_cast<std::uintptr_t>(bytes)};
+}
+
+/// SPEC §Bad input: no two elements of an output share memory (a zero stride, or a head stride that
+/// aliases the dim axis). Sufficient test: with the axes of extent > 1 sorted by stride, each stride
+/// steps past every element the smaller axes reach. Run after checked_span (no overflow here).
+template <class T, int Rank>
+void require_distinct_elements(const tensor_view<T, Rank>& view, const char* name) {
+  if (view.size() == 0) return;
+  int axes[Rank];
+  int n = 0;
+  for (int r = 0; r < Rank; ++r)
+    if (view.extent[r] > 1) axes[n++] = r;
+  std::sort(axes, axes + n, [&](int a, int b) { return view.stride[a] < view.stride[b]; });
+  std::int64_t reach = 0;  // offset of the farthest element of the axes so far
+  for (int x = 0; x < n; ++x) {
+    const int r = axes[x];
+    require(view.stride[r] > reach, name, " overlaps itself: stride[", r, "] = ", view.stride[r], " (extent ",
+            view.extent[r], ") revisits elements that the axes of smaller stride reach (offset ", reach, ")");
+    reach += (view.extent[r] - 1) * view.stride[r];
+  }
+}
+
+/// Bytes of a host metadata array the backend reads during the call (offsets, page tables, lengths).
+template <class T>
+byte_span span_of(std::span<T> a) {
+  const auto begin = reinterpret_cast<std::uintptr_t>(a.data());
+  return {begin, begin + a.size_bytes()};
 }
 
 inline void check_cu_seqlens(std::span<const std::int32_t> cu, const char* name, std::int64_t total) {
@@ -119,7 +155,8 @@ void require_optional_outputs(const tensor_view<A, 3>& lse, const tensor_view<st
 /// Checks the inputs every pass shares and fills the common parameters.
 template <class T>
 core::problem<T> make_problem(const config& cfg, view4<const T> q, view4<const T> k, view4<const T> v,
-                              std::span<const std::int32_t> cu_q, std::span<const std::int32_t> cu_k) {
+                              std::span<const std::int32_t> cu_q, std::span<const std::int32_t> cu_k,
+                              const device_offsets& dev = {}) {
   const std::int64_t batch = q.extent[0], hq = q.extent[2], hkv = k.extent[2], d = q.extent[3];
   require(k.extent[3] == d && v.extent[3] == d, "head dims differ: q has ", d, ", k has ", k.extent[3], ", v has ",
           v.extent[3]);
@@ -142,6 +179,22 @@ core::problem<T> make_problem(const config& cfg, view4<const T> q, view4<const T
 
   require(cu_q.empty() == cu_k.empty(), "give both cu_seqlens_q and cu_seqlens_k or neither (sizes ", cu_q.size(),
           " and ", cu_k.size(), ")");
+  if (dev.given()) {
+    require(cu_q.empty(), "give cu_seqlens on the host or device_seqlens, not both");
+    require(dev.cu_seqlens_q != nullptr && dev.cu_seqlens_k != nullptr,
+            "device_seqlens needs both cu_seqlens_q and cu_seqlens_k");
+    for (const auto* a : {dev.cu_seqlens_q, dev.cu_seqlens_k})
+      require(reinterpret_cast<std::uintptr_t>(a) % alignof(std::int32_t) == 0, "device_seqlens offsets at ",
+              static_cast<const void*>(a), " are not aligned to 4 bytes");
+    require(batch == 1, "with device_seqlens the tensors are packed: batch extent must be 1, got ", batch);
+    require(dev.batch >= 0 && dev.batch < std::numeric_limits<std::int32_t>::max(), "device_seqlens.batch = ", dev.batch,
+            "; it must be in [0, 2^31 - 1)");
+    require(dev.max_seqlen_q >= 0 && dev.max_seqlen_k >= 0, "device_seqlens max_seqlen_q = ", dev.max_seqlen_q,
+            ", max_seqlen_k = ", dev.max_seqlen_k, "; they must be >= 0");
+    p.seqs = {dev.cu_seqlens_q, dev.cu_seqlens_k, dev.batch, 0, 0, std::min(dev.max_seqlen_q, q.extent[1]),
+              std::min(dev.max_seqlen_k, k.extent[1]), true};
+    return p;
+  }
   if (!cu_q.empty()) {
     require(cu_q.size() == cu_k.size(), "cu_seqlens_q has ", cu_q.size(), " entries but cu_seqlens_k has ",
             cu_k.size());
@@ -157,8 +210,24 @@ core::problem<T> make_problem(const config& cfg, view4<const T> q, view4<const T
     const sequence_info seq = p.seqs[s];
     require(seq.q_len <= seq.k_len, "q_len > k_len in sequence ", s, ": q_len = ", seq.q_len, ", k_len = ",
             seq.k_len);
+    p.seqs.max_q_len = std::max(p.seqs.max_q_len, seq.q_len);
+    p.seqs.max_k_len = std::max(p.seqs.max_k_len, seq.k_len);
   }
   return p;
+}
+
+/// The offsets a call reads, as byte ranges: outputs must not overlap them either (SPEC §Bad input).
+inline std::pair<byte_span, byte_span> offset_spans(std::span<const std::int32_t> cu_q, std::span<const std::int32_t> cu_k,
+                                                    const device_offsets& dev) {
+  if (!dev.given()) return {span_of(cu_q), span_of(cu_k)};
+  const auto n = static_cast<std::size_t>(std::max<std::int64_t>(0, dev.batch) + 1);
+  return {span_of(std::span(dev.cu_seqlens_q, dev.cu_seqlens_q ? n : 0)),
+          span_of(std::span(dev.cu_seqlens_k, dev.cu_seqlens_k ? n : 0))};
+}
+
+/// Entries a selection output needs for sequences of at most `max_k_len` keys (SPEC §Blocks 5).
+inline std::int64_t needed_width(const core::attention_shape& a, std::int64_t max_k_len) {
+  return max_k_len == 0 ? 0 : core::selection_width(core::current_block(max_k_len - 1, a.block_size), a.top_k, a.full);
 }
 
 /// SPEC §Bad input: no output may overlap an input or another output.
@@ -171,29 +240,73 @@ inline void require_disjoint(std::initializer_list<std::pair<byte_span, const ch
   }
 }
 
-/// Validates every argument of a forward call and returns its parameters. Throws moba::invalid_argument.
+/// Validates every argument of a forward call (attention::gate: `gate_only`, no out or lse) and
+/// returns its parameters. Throws moba::invalid_argument.
 template <class T>
-core::fwd_params<T> make_fwd_params(const config& cfg, view4<const T> q, view4<const T> k, view4<const T> v,
-                                    view4<T> out, tensor_view<accum_t<T>, 3> lse,
-                                    tensor_view<std::int32_t, 4> selected, std::span<const std::int32_t> cu_q,
-                                    std::span<const std::int32_t> cu_k) {
-  const byte_span q_bytes = checked_span(q, "q"), k_bytes = checked_span(k, "k"), v_bytes = checked_span(v, "v");
-  const byte_span out_bytes = checked_span(out, "out");
-  const byte_span lse_bytes = checked_span(lse, "lse"), sel_bytes = checked_span(selected, "selected");
+core::fwd_params<T> make_fwd_params(const config& cfg, const forward_args<T>& a, bool gate_only = false) {
+  const byte_span q_bytes = checked_span(a.q, "q"), k_bytes = checked_span(a.k, "k"), v_bytes = checked_span(a.v, "v");
+  const byte_span out_bytes = checked_span(a.out, "out");
+  const byte_span lse_bytes = checked_span(a.lse, "lse"), sel_bytes = checked_span(a.selected, "selected");
+  const byte_span given_bytes = checked_span(a.selection, "selection");
+  require_distinct_elements(a.out, "out");
+  require_distinct_elements(a.lse, "lse");
+  require_distinct_elements(a.selected, "selected");
   core::fwd_params<T> p;
-  static_cast<core::problem<T>&>(p) = make_problem(cfg, q, k, v, cu_q, cu_k);
-  require_shape(out, "out", q, "q");
-  p.out = out;
-  p.lse = lse;
-  p.selected = selected;
-
-  std::int64_t max_k_len = 0;
-  for (std::int64_t s = 0; s < p.seqs.count; ++s) max_k_len = std::max(max_k_len, p.seqs[s].k_len);
-  const std::int64_t need = p.full ? (max_k_len + cfg.block_size - 1) / cfg.block_size : cfg.top_k;
-  require_optional_outputs(lse, selected, q.extent[0], q.extent[1], p.q_heads, need);
+  static_cast<core::problem<T>&>(p) = make_problem(cfg, a.q, a.k, a.v, a.cu_seqlens_q, a.cu_seqlens_k, a.device_seqlens);
+  if (gate_only) {
+    require(a.selected.given(), "gate writes selected: give it");
+    require(!a.out.given() && !a.lse.given() && !a.selection.given(),
+            "gate writes only selected: leave out, lse and selection empty");
+  } else {
+    require_shape(a.out, "out", a.q, "q");
+  }
+  p.out = a.out;
+  p.lse = a.lse;
+  p.selected = a.selected;
+  p.selection = a.selection;
+  p.gate_only = gate_only;
+  require_optional_outputs(a.lse, a.selected, a.q.extent[0], a.q.extent[1], p.q_heads, needed_width(p, p.seqs.max_k_len));
+  if (a.selection.given()) {
+    require(!a.selected.given(), "give selection (an input) or selected (an output), not both");
+    const auto& g = a.selection;
+    require(g.extent[0] == a.q.extent[0] && g.extent[1] == a.q.extent[1] && g.extent[2] == p.q_heads && g.extent[3] >= 1,
+            "selection has shape ", shape_of(g), "; expected [", a.q.extent[0], ", ", a.q.extent[1], ", ", p.q_heads,
+            ", width >= 1]");
+  }
+  const auto [cu_q_bytes, cu_k_bytes] = offset_spans(a.cu_seqlens_q, a.cu_seqlens_k, a.device_seqlens);
   require_disjoint({{out_bytes, "out"}, {lse_bytes, "lse"}, {sel_bytes, "selected"}},
-                   {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}});
+                   {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}, {given_bytes, "selection"},
+                    {cu_q_bytes, "cu_seqlens_q"}, {cu_k_bytes, "cu_seqlens_k"}});
   return p;
+}
+
+/// The entries of a host selection input (SPEC §Blocks 7): per query and head, ascending blocks in
+/// [0, current block], the current block among them, then only -1 padding. Throws naming the first
+/// bad entry. Backends that read the selection from host memory call it in check().
+template <class T>
+void check_selection(const core::fwd_params<T>& p) {
+  const auto& g = p.selection;
+  for (std::int64_t s = 0; s < p.seqs.count; ++s) {
+    const sequence_info seq = p.seqs[s];
+    for (std::int64_t i = 0; i < seq.q_len; ++i) {
+      const std::int64_t t = seq.q_start + i, c = core::current_block(seq.pos(i), p.block_size);
+      for (std::int64_t h = 0; h < p.q_heads; ++h) {
+        std::int64_t last = -1;
+        bool padding = false;
+        for (std::int64_t w = 0; w < g.extent[3]; ++w) {
+          const std::int32_t j = g(seq.batch, t, h, w);
+          if (j == -1) {
+            padding = true;
+            continue;
+          }
+          require(!padding && j >= 0 && j <= c && j > last, "selection(", seq.batch, ", ", t, ", ", h, ", ", w, ") = ", j,
+                  ": entries must ascend, lie in [0, ", c, "] (the query's current block) and be followed only by -1");
+          last = j;
+        }
+        require(last == c, "selection(", seq.batch, ", ", t, ", ", h, ", :) lacks the query's current block ", c);
+      }
+    }
+  }
 }
 
 /// Validates every argument of a backward call and returns its parameters. Throws moba::invalid_argument.
@@ -224,9 +337,10 @@ core::bwd_params<T> make_bwd_params(const config& cfg, view4<const T> q, view4<c
   p.dq = dq;
   p.dk = dk;
   p.dv = dv;
+  for (const auto& [view, name] : {std::pair{dq, "dq"}, {dk, "dk"}, {dv, "dv"}}) require_distinct_elements(view, name);
   require_disjoint({{dq_bytes, "dq"}, {dk_bytes, "dk"}, {dv_bytes, "dv"}},
                    {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}, {out_bytes, "out"}, {dout_bytes, "dout"},
-                    {lse_bytes, "lse"}});
+                    {lse_bytes, "lse"}, {span_of(cu_q), "cu_seqlens_q"}, {span_of(cu_k), "cu_seqlens_k"}});
   return p;
 }
 
@@ -241,7 +355,12 @@ core::decode_params<T> make_decode_params(const config& cfg, view4<const T> q, v
   const byte_span kp_bytes = checked_span(cache.k_pages, "cache.k_pages");
   const byte_span vp_bytes = checked_span(cache.v_pages, "cache.v_pages");
   const byte_span sums_bytes = checked_span(cache.block_key_sums, "cache.block_key_sums");
-  checked_span(cache.page_table, "cache.page_table");
+  const byte_span table_bytes = checked_span(cache.page_table, "cache.page_table");
+  for (const auto& [view, name] : {std::pair{out, "out"}, {cache.k_pages, "cache.k_pages"}, {cache.v_pages, "cache.v_pages"}})
+    require_distinct_elements(view, name);
+  require_distinct_elements(lse, "lse");
+  require_distinct_elements(selected, "selected");
+  require_distinct_elements(cache.block_key_sums, "cache.block_key_sums");
 
   const std::int64_t batch = q.extent[0], hq = q.extent[2], hkv = k_new.extent[2], d = q.extent[3];
   require(q.extent[1] == 1, "decode takes one new token per sequence: q has ", q.extent[1]);
@@ -275,28 +394,36 @@ core::decode_params<T> make_decode_params(const config& cfg, view4<const T> q, v
   require(static_cast<std::int64_t>(cache.seqlens.size()) == batch, "cache.seqlens has ", cache.seqlens.size(),
           " entries for ", batch, " sequences");
   std::int64_t max_len = 0;
+  std::vector<std::int64_t> written(batch);  // the cache slot (page · page_size + slot) each sequence writes
   for (std::int64_t b = 0; b < batch; ++b) {
     const std::int64_t n = cache.seqlens[b], len = n + 1;
     require(n >= 0, "cache.seqlens[", b, "] = ", n, "; it must be >= 0");
-    require(len <= cache.page_table.extent[1] * page_size, "sequence ", b, " needs ", len,
+    require(n / page_size < cache.page_table.extent[1], "sequence ", b, " needs ", len,
             " cache slots but its page table holds ", cache.page_table.extent[1], " pages of ", page_size);
-    require((len + cfg.block_size - 1) / cfg.block_size <= sums.extent[1], "sequence ", b, " needs ",
-            (len + cfg.block_size - 1) / cfg.block_size, " block sums but cache.block_key_sums holds ",
-            sums.extent[1]);
+    require(core::block_count(len, cfg.block_size) <= sums.extent[1], "sequence ", b, " needs ",
+            core::block_count(len, cfg.block_size), " block sums but cache.block_key_sums holds ", sums.extent[1]);
     for (std::int64_t pg = 0; pg <= n / page_size; ++pg) {
       const std::int32_t page = cache.page_table(b, pg);
       require(page >= 0 && page < pages, "cache.page_table(", b, ", ", pg, ") = ", page, " is not a page in [0, ",
               pages, ")");
     }
+    written[b] = cache.page_table(b, n / page_size) * page_size + n % page_size;
     max_len = std::max(max_len, len);
   }
+  std::vector<std::int64_t> order(batch);
+  for (std::int64_t b = 0; b < batch; ++b) order[b] = b;
+  std::sort(order.begin(), order.end(), [&](std::int64_t x, std::int64_t y) { return written[x] < written[y]; });
+  for (std::int64_t x = 1; x < batch; ++x)
+    require(written[order[x]] != written[order[x - 1]], "sequences ", order[x - 1], " and ", order[x],
+            " would write the same cache slot (page ", written[order[x]] / page_size, ", slot ",
+            written[order[x]] % page_size, ")");
   core::decode_params<T> p;
   static_cast<core::attention_shape&>(p) = make_shape(cfg, hq, hkv, d);
-  require_optional_outputs(lse, selected, batch, 1, hq,
-                           p.full ? (max_len + cfg.block_size - 1) / cfg.block_size : cfg.top_k);
+  require_optional_outputs(lse, selected, batch, 1, hq, needed_width(p, max_len));
   require_disjoint({{out_bytes, "out"}, {lse_bytes, "lse"}, {sel_bytes, "selected"}, {kp_bytes, "cache.k_pages"},
                     {vp_bytes, "cache.v_pages"}, {sums_bytes, "cache.block_key_sums"}},
-                   {{q_bytes, "q"}, {k_bytes, "k_new"}, {v_bytes, "v_new"}});
+                   {{q_bytes, "q"}, {k_bytes, "k_new"}, {v_bytes, "v_new"}, {table_bytes, "cache.page_table"},
+                    {span_of(cache.seqlens), "cache.seqlens"}});
   p.q = q;
   p.k_new = k_new;
   p.v_new = v_new;
