@@ -337,7 +337,9 @@ core::bwd_params<T> make_bwd_params(const config& cfg, view4<const T> q, view4<c
   p.dq = dq;
   p.dk = dk;
   p.dv = dv;
-  for (const auto& [view, name] : {std::pair{dq, "dq"}, {dk, "dk"}, {dv, "dv"}}) require_distinct_elements(view, name);
+  require_distinct_elements(dq, "dq");
+  require_distinct_elements(dk, "dk");
+  require_distinct_elements(dv, "dv");
   require_disjoint({{dq_bytes, "dq"}, {dk_bytes, "dk"}, {dv_bytes, "dv"}},
                    {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}, {out_bytes, "out"}, {dout_bytes, "dout"},
                     {lse_bytes, "lse"}, {span_of(cu_q), "cu_seqlens_q"}, {span_of(cu_k), "cu_seqlens_k"}});
@@ -356,8 +358,9 @@ core::decode_params<T> make_decode_params(const config& cfg, view4<const T> q, v
   const byte_span vp_bytes = checked_span(cache.v_pages, "cache.v_pages");
   const byte_span sums_bytes = checked_span(cache.block_key_sums, "cache.block_key_sums");
   const byte_span table_bytes = checked_span(cache.page_table, "cache.page_table");
-  for (const auto& [view, name] : {std::pair{out, "out"}, {cache.k_pages, "cache.k_pages"}, {cache.v_pages, "cache.v_pages"}})
-    require_distinct_elements(view, name);
+  require_distinct_elements(out, "out");
+  require_distinct_elements(cache.k_pages, "cache.k_pages");
+  require_distinct_elements(cache.v_pages, "cache.v_pages");
   require_distinct_elements(lse, "lse");
   require_distinct_elements(selected, "selected");
   require_distinct_elements(cache.block_key_sums, "cache.block_key_sums");

@@ -488,11 +488,13 @@ __device__ __forceinline__ void init_state(row_state<D>& st) {
 /// full the longest) of query head n / tiles. Row i attends keys [lo, pos(i)] with lo = 0 (mode
 /// full) or the start of its current block.
 struct causal_items {
-  std::int64_t tiles;  // query tiles of the call
   template <class T>
-  __device__ std::int64_t count(const core::fwd_params<T>& p) const { return tiles * p.q_heads; }
+  __device__ std::int64_t count(const core::fwd_params<T>& p, const sequence_desc* table) const {
+    return table[p.seqs.count].tile_offset * p.q_heads;
+  }
   template <class T>
   __device__ work_item<T> item(const core::fwd_params<T>& p, const sequence_desc* table, std::int64_t n) const {
+    const std::int64_t tiles = table[p.seqs.count].tile_offset;  // query tiles of the call
     const std::int64_t h = n / tiles, tile = tiles - 1 - n % tiles;
     const sequence_desc e = table[find_sequence(table, p.seqs.count, tile, [](const sequence_desc& d) { return d.tile_offset; })];
     const std::int64_t i0 = (tile - e.tile_offset) * tile_rows;
@@ -502,12 +504,12 @@ struct causal_items {
     return {e, kv_source(p, e.seq, p.kv_head(h)), k_begin, e.seq.pos(i0 + rows - 1) + 1, i0, rows};
   }
   template <class T>
-  __device__ void row(const core::fwd_params<T>& p, std::int64_t n, const work_item<T>& it, bool merge_pass, int r,
-                      row_meta& m) const {
+  __device__ void row(const core::fwd_params<T>& p, const sequence_desc* table, std::int64_t n, const work_item<T>& it,
+                      bool merge_pass, int r, row_meta& m) const {
     const bool used = r < it.rows;
     const std::int64_t pos = used ? it.e.seq.pos(it.first + r) : 0, c = core::current_block(pos, p.block_size);
     m.query[r] = used ? static_cast<std::int32_t>(it.first + r) : -1;
-    m.head[r] = static_cast<std::int32_t>(n / tiles);
+    m.head[r] = static_cast<std::int32_t>(n / table[p.seqs.count].tile_offset);
     m.lo[r] = used && !p.full ? core::block_begin(c, p.block_size) : 0;
     m.hi[r] = used ? pos + 1 : 0;
     m.merge[r] = used && merge_pass && core::history_count(c, p.top_k, p.full) > 0;
@@ -532,7 +534,7 @@ struct slot_lists {
 struct history_items {
   slot_lists lists;
   template <class T>
-  __device__ std::int64_t count(const core::fwd_params<T>&) const { return *lists.tile_count; }
+  __device__ std::int64_t count(const core::fwd_params<T>&, const sequence_desc*) const { return *lists.tile_count; }
   template <class T>
   __device__ work_item<T> item(const core::fwd_params<T>& p, const sequence_desc* table, std::int64_t n) const {
     const list_tile tile = lists.tiles[n];
@@ -543,8 +545,8 @@ struct history_items {
             core::block_end(j + tile.span - 1, p.block_size, e.seq.k_len), tile.first, tile.count};
   }
   template <class T>
-  __device__ void row(const core::fwd_params<T>& p, std::int64_t, const work_item<T>& it, bool merge_pass, int r,
-                      row_meta& m) const {
+  __device__ void row(const core::fwd_params<T>& p, const sequence_desc*, std::int64_t, const work_item<T>& it,
+                      bool merge_pass, int r, row_meta& m) const {
     const std::int32_t entry = r < it.rows ? lists.rows[it.first + r] : -1;
     const std::int64_t i = entry / p.q_heads, h = entry % p.q_heads;
     std::int64_t lo = it.k_begin, hi = it.k_end;
@@ -570,7 +572,7 @@ __device__ void prepare_item(attention_smem<T, D>& sm, const core::fwd_params<T>
   if (r < 0) return;
   const work_item<T> it = items.item(p, table, n);
   row_meta& m = sm.meta[slot];
-  items.row(p, n, it, merge_pass, r, m);
+  items.row(p, table, n, it, merge_pass, r, m);
   if (r == 0) sm.item[slot] = it;
 }
 
@@ -587,7 +589,7 @@ __global__ void __launch_bounds__(attention_threads, 1)
                      unsigned* ticket) {
   extern __shared__ unsigned char smem_raw[];
   auto& sm = attention_smem<T, D>::at(smem_raw);
-  const std::int64_t count = items.count(p);
+  const std::int64_t count = items.count(p, table);
   const std::int64_t n = blockIdx.x;
   if (n >= count) return;
   if (threadIdx.x == 0) {

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 /// @file moba::cuda: backend_impl<cuda, Dtype> (bf16/f16 on tensor cores, float on CUDA cores): the
-/// workspace, the per-call sequence table upload and the launches. The only CUDA-runtime caller.
+/// workspace, the sequence table (uploaded, or built on the device) and the launches. The only
+/// CUDA-runtime caller.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -17,8 +19,10 @@
 #include <moba/backends/cuda/attention.cuh>
 #include <moba/backends/cuda/check.hpp>
 #include <moba/backends/cuda/gate.cuh>
+#include <moba/backends/cuda/given_selection.cuh>
 #include <moba/backends/cuda/sequences.hpp>
 #include <moba/backends/cuda/slots.cuh>
+#include <moba/backends/cuda/table.cuh>
 #include <moba/backends/cuda/tile_size.hpp>
 #include <moba/core/dispatch.hpp>
 #include <moba/core/params.hpp>
@@ -37,48 +41,62 @@ struct workspace_layout {
 
 inline std::int64_t align256(std::int64_t n) { return (n + 255) / 256 * 256; }
 
-/// The sequence table of a call, and the layout of the workspace it needs.
-template <class T>
-workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* table) {
-  std::vector<sequence_desc> local;
-  std::vector<sequence_desc>& tab = table ? *table : local;
-  tab.assign(p.seqs.count + 1, {});
-  std::int64_t most_history = 0;
-  for (std::int64_t s = 0; s < p.seqs.count; ++s) {
-    const sequence_info seq = p.seqs[s];
-    tab[s].seq = seq;
-    tab[s + 1].block_offset = tab[s].block_offset + core::block_count(seq.k_len, p.block_size);
-    tab[s + 1].tile_offset = tab[s].tile_offset + (seq.q_len + tile_rows - 1) / tile_rows;
-    tab[s + 1].row_offset = tab[s].row_offset + seq.q_len;
-    if (seq.q_len > 0)
-      most_history = std::max(most_history, core::history_count(core::current_block(seq.pos(seq.q_len - 1), p.block_size),
-                                                                 p.top_k, false));
-  }
-  const sequence_desc& totals = tab[p.seqs.count];
+/// Upper bounds of a call's totals, which size its launches and workspace: exact when the host built
+/// the table, from the shapes and max_seqlen bounds with device offsets.
+struct call_bounds {
+  std::int64_t sequences = 0, rows = 0, tiles = 0, blocks = 0, most_history = 0;
+};
+
+/// What a call's workspace depends on: shapes and bounds, no tensors. `top_k` and `full` are the
+/// call's own, or a given selection's width and false (SPEC §Blocks 7).
+struct workspace_shape {
+  std::int64_t total_q = 0, total_k = 0, batch = 0, max_seqlen_q = 0, max_seqlen_k = 0;
+  std::int64_t q_heads = 0, kv_heads = 0, head_dim = 0, block_size = 0, top_k = 0;
+  bool full = false, gate_only = false, tensor_cores = true;
+};
+
+/// Bounds from shapes alone: the sequences' tiles and blocks add at most one partial each.
+inline call_bounds bounds_of(const workspace_shape& s) {
+  call_bounds b;
+  b.sequences = s.batch;
+  if (s.batch == 0) return b;
+  const std::int64_t max_q = std::min(s.max_seqlen_q, s.total_q), max_k = std::min(s.max_seqlen_k, s.total_k);
+  auto at_most = [&](std::int64_t per_sequence, std::int64_t by_total) {
+    std::int64_t all = 0;
+    return __builtin_mul_overflow(per_sequence, s.batch, &all) ? by_total : std::min(all, by_total);
+  };
+  b.rows = at_most(max_q, s.total_q);
+  b.tiles = at_most((max_q + tile_rows - 1) / tile_rows, s.total_q / tile_rows + s.batch);
+  b.blocks = at_most(core::block_count(max_k, s.block_size), s.total_k / s.block_size + s.batch);
+  b.most_history = max_k > 0 ? core::history_count(core::current_block(max_k - 1, s.block_size), s.top_k, false) : 0;
+  return b;
+}
+
+/// The layout of the workspace of a call of this shape within these bounds.
+inline workspace_layout plan(const workspace_shape& s, const call_bounds& b) {
   workspace_layout w;
-  w.total_blocks = totals.block_offset;
-  std::int64_t at = align256(static_cast<std::int64_t>(tab.size() * sizeof(sequence_desc)));
+  w.total_blocks = b.blocks;
+  std::int64_t at = align256((b.sequences + 1) * static_cast<std::int64_t>(sizeof(sequence_desc)));
   auto take = [&](std::int64_t& where, std::int64_t bytes) {
     where = at;
     at += align256(bytes);
   };
-  const std::int64_t row_heads = totals.row_offset * p.q_heads, keys = p.kv_heads * w.total_blocks;
-  const bool tensor_cores = !std::is_same_v<T, float>;
-  w.passes = tensor_cores && !p.full ? most_history : 0;
+  const std::int64_t row_heads = b.rows * s.q_heads, keys = s.kv_heads * w.total_blocks;
+  w.passes = s.tensor_cores && !s.full && !s.gate_only ? b.most_history : 0;
   if (w.passes > 0) {  // the row lists hold int32 keys, entries and offsets
     detail::require(keys < (std::int64_t{1} << 31), "moba::cuda: ", keys, " key blocks (times kv heads) is too many");
     detail::require(row_heads < (std::int64_t{1} << 31), "moba::cuda: ", row_heads, " query rows (times heads) is too many");
   }
   // One work ticket per attention launch (history passes, then the current blocks), right after them
   // the slot counts and the block means' flags: one memset zeroes all three.
-  take(w.tickets, tensor_cores ? (w.passes + 1) * 4 : 0);
+  take(w.tickets, s.tensor_cores ? (w.passes + 1) * 4 : 0);
   w.counters = keys * count_shards;
   take(w.counts, w.passes * w.counters * 4);
-  take(w.ready, p.full ? 0 : keys * 4);
+  take(w.ready, s.full ? 0 : keys * 4);
   w.zeroed = at - w.tickets;
-  if (!p.full) {
-    take(w.kbar, w.total_blocks * p.kv_heads * kbar_pieces * p.head_dim * 2);
-    take(w.sel, row_heads * p.top_k * 4);
+  if (!s.full) {
+    take(w.kbar, w.total_blocks * s.kv_heads * kbar_pieces * s.head_dim * 2);
+    take(w.sel, row_heads * s.top_k * 4);
     if (w.passes > 0) {
       w.history_tiles = (row_heads + tile_rows - 1) / tile_rows + std::min(keys, row_heads);
       take(w.lse2, row_heads * 4);
@@ -92,6 +110,38 @@ workspace_layout plan(const core::fwd_params<T>& p, std::vector<sequence_desc>* 
   return w;
 }
 
+/// The shape of a validated call, with a given selection's width in place of top_k.
+template <class T>
+workspace_shape shape_of(const core::fwd_params<T>& p) {
+  const bool given = p.selection.given();
+  return {p.q.extent[1], p.k.extent[1], p.seqs.count, p.seqs.max_q_len, p.seqs.max_k_len, p.q_heads, p.kv_heads,
+          p.head_dim, p.block_size, given ? p.selection.extent[3] : p.top_k, p.full && !given, p.gate_only,
+          !std::is_same_v<T, float>};
+}
+
+/// The host-built table of a call with host offsets (validated), and its exact totals as bounds.
+template <class T>
+call_bounds host_table(const core::fwd_params<T>& p, std::int64_t top_k, std::vector<sequence_desc>& tab) {
+  tab.assign(p.seqs.count + 1, {});
+  call_bounds b;
+  b.sequences = p.seqs.count;
+  for (std::int64_t s = 0; s < p.seqs.count; ++s) {
+    const sequence_info seq = p.seqs[s];
+    const table_counts n = counts_of(seq, p.block_size);
+    tab[s].seq = seq;
+    tab[s + 1].block_offset = tab[s].block_offset + n.blocks;
+    tab[s + 1].tile_offset = tab[s].tile_offset + n.tiles;
+    tab[s + 1].row_offset = tab[s].row_offset + n.rows;
+    if (seq.q_len > 0)
+      b.most_history = std::max(b.most_history, core::history_count(core::current_block(seq.pos(seq.q_len - 1), p.block_size),
+                                                                    top_k, false));
+  }
+  b.rows = tab[p.seqs.count].row_offset;
+  b.tiles = tab[p.seqs.count].tile_offset;
+  b.blocks = tab[p.seqs.count].block_offset;
+  return b;
+}
+
 inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
 
 }  // namespace moba::backends::cuda
@@ -99,16 +149,42 @@ inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel)
 namespace moba {
 
 /// The CUDA backend. Construct through `moba::attention<moba::cuda, Dtype> attn(cfg, stream)`.
-/// Tensors are device pointers; cu_seqlens stay host arrays (the validator reads them), and the
-/// per-sequence table built from them is uploaded on `stream` through a pinned staging buffer.
-/// Work is enqueued on `stream` without synchronising the device; growing the owned workspace
-/// uses stream-ordered cudaMallocAsync/cudaFreeAsync, so the stream must outlive the object (its
-/// destructor frees the workspace on it). Errors throw moba::device_error.
+/// Tensors are device pointers. Work is enqueued on a stream without synchronising the device.
+///
+/// Offsets: `cu_seqlens_q/k` on the host (validated there; the per-sequence table is built on the
+/// host and uploaded through a pinned staging buffer, and a call waits for the previous call's copy
+/// from it), or `device_seqlens` in device memory with max_seqlen bounds (flash-attention's
+/// convention): then a call does no host work on them — no synchronisation, no staging, no read of
+/// device memory, and no allocation when it brings its workspace; a prologue kernel builds the table.
+/// What such a call cannot check on the host, the kernels make safe: each offset is clamped into
+/// [0, tokens] and to a running maximum (sequences never overlap), each length to its max_seqlen
+/// bound and q_len to k_len. Bad offsets so give unspecified results for the sequences they describe,
+/// never an access out of bounds. Likewise a `selection` is read as given: entries outside [0, the
+/// query's current block) and entries that do not ascend are skipped, and the current block is
+/// always attended.
+///
+/// Streams and workspaces: `forward(args)` runs on the object's stream in its workspace (the one set
+/// by set_workspace, or an owned one grown with stream-ordered cudaMallocAsync, so the stream must
+/// outlive the object). `forward(args, {.stream, .workspace, .workspace_bytes})` runs on that stream
+/// in that workspace (workspace_size(...) bytes, 256-byte aligned; null: the object's).
+/// What may run at once: calls with device offsets that each bring their own workspace share no
+/// state and may be issued from any threads onto any streams; such a call may be captured in a CUDA
+/// graph and replayed. Host-offset calls serialise on the staging buffer (a mutex) and may not be
+/// captured. Calls in the object's own workspace must not overlap on the device: issue them on one
+/// stream (or order them). Errors throw moba::device_error.
 template <class Dtype>
 struct backend_impl<cuda, Dtype> {
   static constexpr const char* name = "moba::cuda";
   using head_dim_list = core::head_dim_list<64, 128>;
   static constexpr bool tensor_cores = !std::is_same_v<Dtype, float>;
+  static constexpr bool device_offsets = true;
+
+  /// Per-call stream and workspace (see the class comment).
+  struct call_options {
+    cudaStream_t stream = nullptr;
+    void* workspace = nullptr;
+    std::int64_t workspace_bytes = 0;
+  };
 
   explicit backend_impl(const config&, cudaStream_t stream = nullptr) : stream_(stream) {
     int device = 0;
@@ -132,14 +208,21 @@ struct backend_impl<cuda, Dtype> {
   static std::string head_dims() { return head_dim_list::describe(); }
 
   cudaStream_t stream() const { return stream_; }
-  /// Later calls run on `s`. They reuse the workspace of the calls before, so what still runs on the
-  /// old stream must be ordered before them (an event, or a synchronisation).
+  /// Later calls without call_options run on `s`. They reuse the workspace of the calls before, so
+  /// what still runs on the old stream must be ordered before them (an event, or a synchronisation).
   void set_stream(cudaStream_t s) { stream_ = s; }
 
   /// Device workspace bytes a forward call with these parameters needs (sequence table, block means,
   /// selections, and the sparse kernel's per-CTA scratch).
   std::int64_t workspace_size(const core::fwd_params<Dtype>& p) const {
-    return backends::cuda::plan(p, nullptr).total;
+    const backends::cuda::workspace_shape s = backends::cuda::shape_of(p);
+    if (p.seqs.on_device) return backends::cuda::plan(s, backends::cuda::bounds_of(s)).total;
+    std::vector<backends::cuda::sequence_desc> table;
+    return backends::cuda::plan(s, backends::cuda::host_table(p, s.top_k, table)).total;
+  }
+  /// The same from shapes and bounds alone (device offsets: enough for any call within them).
+  static std::int64_t workspace_size(const backends::cuda::workspace_shape& s) {
+    return backends::cuda::plan(s, backends::cuda::bounds_of(s)).total;
   }
   /// Use caller-owned device memory (256-byte aligned) as the workspace; nullptr returns to the owned one.
   /// A call whose workspace_size exceeds `bytes` throws moba::invalid_argument before enqueuing anything.
@@ -162,10 +245,11 @@ struct backend_impl<cuda, Dtype> {
     gate_after_ = after;
   }
 
-  void check(const core::fwd_params<Dtype>& p) const {
+  void check(const core::fwd_params<Dtype>& p) const { check(p, {stream_, user_, user_bytes_}); }
+  void check(const core::fwd_params<Dtype>& p, const call_options& call) const {
     detail::require(major_ >= 8, name, " needs compute capability >= 8.0 (bf16 tensor cores, also for the gate); this device has ",
                     major_, ".x");
-    detail::require(p.full || p.top_k <= backends::cuda::max_top_k, name, " supports top_k <= ",
+    detail::require(p.full || p.selection.given() || p.top_k <= backends::cuda::max_top_k, name, " supports top_k <= ",
                     backends::cuda::max_top_k, " in sparse mode; got ", p.top_k);
     if constexpr (tensor_cores) {
       // 16-byte vector loads of q, k, v rows and loads and stores of out rows.
@@ -178,93 +262,70 @@ struct backend_impl<cuda, Dtype> {
       aligned(p.q, "q");
       aligned(p.k, "k");
       aligned(p.v, "v");
-      aligned(p.out, "out");
+      if (!p.gate_only) aligned(p.out, "out");
     }
-    if (user_ != nullptr) {
+    const bool own = call.workspace == nullptr && user_ == nullptr;
+    if (!own) {
+      const auto* ws = call.workspace != nullptr ? call.workspace : user_;
+      const std::int64_t bytes = call.workspace != nullptr ? call.workspace_bytes : user_bytes_;
+      detail::require(reinterpret_cast<std::uintptr_t>(ws) % 256 == 0, name, " workspace at ", ws,
+                      " is not 256-byte aligned");
       const std::int64_t need = workspace_size(p);
-      detail::require(need <= user_bytes_, name, " workspace of ", user_bytes_, " bytes is too small: this call needs ", need);
+      detail::require(need <= bytes, name, " workspace of ", bytes, " bytes is too small: this call needs ", need);
     }
   }
 
-  void forward(const core::fwd_params<Dtype>& p) {
+  void forward(const core::fwd_params<Dtype>& p) { forward(p, {stream_, nullptr, 0}); }
+
+  void forward(const core::fwd_params<Dtype>& given, const call_options& call) {
     namespace c = backends::cuda;
-    const c::workspace_layout w = c::plan(p, &table_);
-    const c::sequence_desc& totals = table_[p.seqs.count];
-    if (totals.row_offset == 0) return;
-    unsigned char* ws = workspace(w.total);
-
-    // Upload the sequence table through pinned memory; wait only for the previous call's copy from it.
-    const std::size_t table_bytes = table_.size() * sizeof(c::sequence_desc);
-    if (table_bytes > staging_bytes_) {
-      MOBA_CUDA_CHECK(cudaEventSynchronize(staged_));
-      if (staging_ != nullptr) MOBA_CUDA_CHECK(cudaFreeHost(staging_));
-      staging_ = nullptr;
-      MOBA_CUDA_CHECK(cudaMallocHost(&staging_, table_bytes));
-      staging_bytes_ = table_bytes;
+    core::fwd_params<Dtype> p = given;
+    if (p.selection.given()) {  // SPEC §Blocks 7: the selection's width in place of top_k
+      p.full = false;
+      p.top_k = p.selection.extent[3];
     }
-    MOBA_CUDA_CHECK(cudaEventSynchronize(staged_));
-    std::memcpy(staging_, table_.data(), table_bytes);
+    const cudaStream_t stream = call.stream;
+    const c::workspace_shape shape = c::shape_of(given);
+    std::unique_lock<std::mutex> staging_lock(staging_mutex_, std::defer_lock);
+    c::call_bounds b;
+    if (p.seqs.on_device) {
+      b = c::bounds_of(shape);
+    } else {
+      staging_lock.lock();
+      b = c::host_table(p, shape.top_k, table_);
+    }
+    if (b.rows == 0) return;
+    const c::workspace_layout w = c::plan(shape, b);
+    unsigned char* ws = call.workspace != nullptr ? static_cast<unsigned char*>(call.workspace) : workspace(w.total, stream);
     auto* table = reinterpret_cast<c::sequence_desc*>(ws + w.table);
-    MOBA_CUDA_CHECK(cudaMemcpyAsync(table, staging_, table_bytes, cudaMemcpyHostToDevice, stream_));
-    MOBA_CUDA_CHECK(cudaEventRecord(staged_, stream_));
+    if (p.seqs.on_device) {
+      c::table_kernel<<<1, c::table_threads, 0, stream>>>(p.seqs.cu_seqlens_q, p.seqs.cu_seqlens_k, p.seqs.count, p.q.extent[1],
+                                                          p.k.extent[1], p.seqs.max_q_len, p.seqs.max_k_len, p.block_size, table);
+      c::check_launch("table_kernel");
+    } else {
+      upload_table(table, stream);
+      staging_lock.unlock();
+    }
     auto* tickets = reinterpret_cast<unsigned*>(ws + w.tickets);
-    if (w.zeroed > 0) MOBA_CUDA_CHECK(cudaMemsetAsync(tickets, 0, w.zeroed, stream_));
+    if (w.zeroed > 0) MOBA_CUDA_CHECK(cudaMemsetAsync(tickets, 0, w.zeroed, stream));
 
-    const auto q_heads = static_cast<unsigned>(p.q_heads);
-    std::int32_t* sel = nullptr;
-    if (!p.full) {
-      auto* kbar = reinterpret_cast<bfloat16*>(ws + w.kbar);
-      sel = reinterpret_cast<std::int32_t*>(ws + w.sel);
-      auto* ready = reinterpret_cast<unsigned*>(ws + w.ready);
-      if (gate_before_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_before_, stream_));
-      core::with_head_dim(
-          head_dim_list{}, p.head_dim,
-          [&](auto dim) {
-            constexpr int D = decltype(dim)::value;
-            // On sm_90+ the tensor-core gate starts beside the block means (programmatic dependent
-            // launch) and waits for the blocks it reads. The means then run on half the SMs, one CTA
-            // each: they stay ahead of the gate's needs without taking the DRAM bandwidth from its
-            // query loads (all SMs: same at 32K, 4% slower gating at 128K and 512K; a quarter: 27%
-            // slower at 32K).
-            const bool overlap = tensor_cores && major_ >= 9;
-            const std::int64_t units = totals.block_offset * p.kv_heads;
-            const std::int64_t means_ctas = overlap ? std::min<std::int64_t>(units, std::max(1, sms_ / 2)) : units;
-            c::block_means_kernel<Dtype, D><<<grid(means_ctas), c::means_threads, 0, stream_>>>(p, table, kbar, ready);
-            c::check_launch("block_means_kernel");
-            const auto smem = static_cast<int>(c::gate_smem<Dtype, D>::launch_bytes(p.top_k));
-            const c::slot_tally tally{w.passes > 0 ? reinterpret_cast<std::int32_t*>(ws + w.counts) : nullptr,
-                                      w.counters, w.total_blocks};
-            auto gate = [&](auto kernel) {
-              MOBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-              cudaLaunchAttribute beside_means{};
-              beside_means.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-              beside_means.val.programmaticStreamSerializationAllowed = 1;
-              cudaLaunchConfig_t launch{};
-              launch.gridDim = grid(totals.tile_offset * p.q_heads);
-              launch.blockDim = c::attention_threads;
-              launch.dynamicSmemBytes = static_cast<std::size_t>(smem);
-              launch.stream = stream_;
-              launch.attrs = &beside_means;
-              launch.numAttrs = overlap ? 1 : 0;
-              c::check(cudaLaunchKernelEx(&launch, kernel, p, static_cast<const c::sequence_desc*>(table),
-                                          static_cast<const bfloat16*>(kbar), static_cast<const unsigned*>(ready), sel, tally),
-                       "gate_kernel");
-            };
-            if (p.top_k - 1 <= c::gate_list_keys / 2) gate(c::gate_kernel<Dtype, D, c::gate_list_keys / 2>);
-            else if (p.top_k - 1 <= c::gate_list_keys) gate(c::gate_kernel<Dtype, D, c::gate_list_keys>);
-            else gate(c::gate_kernel<Dtype, D, 0>);
-          },
-          [] {});
-      if (gate_after_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_after_, stream_));
+    const c::slot_tally tally{w.passes > 0 ? reinterpret_cast<std::int32_t*>(ws + w.counts) : nullptr, w.counters, w.total_blocks};
+    std::int32_t* sel = p.full ? nullptr : reinterpret_cast<std::int32_t*>(ws + w.sel);
+    if (p.selection.given()) {
+      c::given_selection_kernel<Dtype><<<grid((b.rows * p.q_heads + 255) / 256), 256, 0, stream>>>(
+          p, table, sel, tally, w.passes > 0 ? reinterpret_cast<float*>(ws + w.lse2) : nullptr);
+      c::check_launch("given_selection_kernel");
+    } else if (!p.full) {
+      gate(p, b, w, table, ws, tally, stream);
     } else if (p.selected.given()) {
-      c::full_selection_kernel<Dtype><<<dim3(grid((totals.row_offset + 127) / 128), q_heads), 128, 0, stream_>>>(p, table);
+      c::full_selection_kernel<Dtype><<<dim3(grid((b.rows + 127) / 128), static_cast<unsigned>(p.q_heads)), 128, 0, stream>>>(p, table);
       c::check_launch("full_selection_kernel");
     }
+    if (p.gate_only) return;
 
     const float scale = static_cast<float>(p.softmax_scale);
     if constexpr (!tensor_cores) {
-      const std::int64_t warps = totals.row_offset * p.q_heads;
-      c::simt_kernel<Dtype><<<grid((warps + 3) / 4), 128, 0, stream_>>>(p, table, sel, scale);
+      c::simt_kernel<Dtype><<<grid((b.rows * p.q_heads + 3) / 4), 128, 0, stream>>>(p, table, sel, scale);
       c::check_launch("simt_kernel");
     } else {
       const float scale_log2 = scale * 1.4426950408889634f;
@@ -277,12 +338,12 @@ struct backend_impl<cuda, Dtype> {
             if (w.passes > 0) {
               MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::attention_kernel<Dtype, D, c::history_items>,
                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-              history_passes<D>(p, w, table, sel, ws, tickets, scale_log2);
+              history_passes<D>(p, b, w, table, sel, ws, tickets, scale_log2, stream);
             }
             MOBA_CUDA_CHECK(cudaFuncSetAttribute(c::attention_kernel<Dtype, D, c::causal_items>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            c::attention_kernel<Dtype, D><<<persistent_grid(totals.tile_offset * p.q_heads), c::attention_threads, smem, stream_>>>(
-                p, table, c::causal_items{totals.tile_offset}, last, scale_log2, tickets + w.passes);
+            c::attention_kernel<Dtype, D><<<persistent_grid(b.tiles * p.q_heads), c::attention_threads, smem, stream>>>(
+                p, table, c::causal_items{}, last, scale_log2, tickets + w.passes);
             c::check_launch("attention_kernel (current blocks)");
           },
           [] {});
@@ -290,15 +351,79 @@ struct backend_impl<cuda, Dtype> {
   }
 
  private:
+  /// Copies the host-built table_ to the device through pinned memory; waits only for the previous
+  /// call's copy from the staging buffer. The caller holds staging_mutex_.
+  void upload_table(backends::cuda::sequence_desc* table, cudaStream_t stream) {
+    const std::size_t table_bytes = table_.size() * sizeof(backends::cuda::sequence_desc);
+    MOBA_CUDA_CHECK(cudaEventSynchronize(staged_));
+    if (table_bytes > staging_bytes_) {
+      if (staging_ != nullptr) MOBA_CUDA_CHECK(cudaFreeHost(staging_));
+      staging_ = nullptr;
+      MOBA_CUDA_CHECK(cudaMallocHost(&staging_, table_bytes));
+      staging_bytes_ = table_bytes;
+    }
+    std::memcpy(staging_, table_.data(), table_bytes);
+    MOBA_CUDA_CHECK(cudaMemcpyAsync(table, staging_, table_bytes, cudaMemcpyHostToDevice, stream));
+    MOBA_CUDA_CHECK(cudaEventRecord(staged_, stream));
+  }
+
+  /// The block means and the fused gate (SPEC §Blocks 2–5), which also counts each row into the slots.
+  void gate(const core::fwd_params<Dtype>& p, const backends::cuda::call_bounds& b, const backends::cuda::workspace_layout& w,
+            const backends::cuda::sequence_desc* table, unsigned char* ws, const backends::cuda::slot_tally& tally,
+            cudaStream_t stream) {
+    namespace c = backends::cuda;
+    auto* kbar = reinterpret_cast<bfloat16*>(ws + w.kbar);
+    auto* sel = reinterpret_cast<std::int32_t*>(ws + w.sel);
+    auto* ready = reinterpret_cast<unsigned*>(ws + w.ready);
+    if (gate_before_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_before_, stream));
+    core::with_head_dim(
+        head_dim_list{}, p.head_dim,
+        [&](auto dim) {
+          constexpr int D = decltype(dim)::value;
+          // On sm_90+ the tensor-core gate starts beside the block means (programmatic dependent
+          // launch) and waits for the blocks it reads. The means then run on half the SMs, one CTA
+          // each: they stay ahead of the gate's needs without taking the DRAM bandwidth from its
+          // query loads (all SMs: same at 32K, 4% slower gating at 128K and 512K; a quarter: 27%
+          // slower at 32K).
+          const bool overlap = tensor_cores && major_ >= 9;
+          const std::int64_t units = b.blocks * p.kv_heads;
+          const std::int64_t means_ctas = overlap ? std::min<std::int64_t>(units, std::max(1, sms_ / 2)) : units;
+          c::block_means_kernel<Dtype, D><<<grid(means_ctas), c::means_threads, 0, stream>>>(p, table, kbar, ready);
+          c::check_launch("block_means_kernel");
+          const auto smem = static_cast<int>(c::gate_smem<Dtype, D>::launch_bytes(p.top_k));
+          auto launch_gate = [&](auto kernel) {
+            MOBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+            cudaLaunchAttribute beside_means{};
+            beside_means.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            beside_means.val.programmaticStreamSerializationAllowed = 1;
+            cudaLaunchConfig_t launch{};
+            launch.gridDim = grid(b.tiles * p.q_heads);
+            launch.blockDim = c::attention_threads;
+            launch.dynamicSmemBytes = static_cast<std::size_t>(smem);
+            launch.stream = stream;
+            launch.attrs = &beside_means;
+            launch.numAttrs = overlap ? 1 : 0;
+            c::check(cudaLaunchKernelEx(&launch, kernel, p, table, static_cast<const bfloat16*>(kbar),
+                                        static_cast<const unsigned*>(ready), sel, tally),
+                     "gate_kernel");
+          };
+          if (p.top_k - 1 <= c::gate_list_keys / 2) launch_gate(c::gate_kernel<Dtype, D, c::gate_list_keys / 2>);
+          else if (p.top_k - 1 <= c::gate_list_keys) launch_gate(c::gate_kernel<Dtype, D, c::gate_list_keys>);
+          else launch_gate(c::gate_kernel<Dtype, D, 0>);
+        },
+        [] {});
+    if (gate_after_ != nullptr) MOBA_CUDA_CHECK(cudaEventRecord(gate_after_, stream));
+  }
+
   /// Scan every slot's rows per (kv head, block), which the gate counted; then slot by slot, list the
   /// rows and attend each list to its block, merging into out and the log2-sum-exp buffer (slot 0
   /// writes them first).
   template <int D>
-  void history_passes(const core::fwd_params<Dtype>& p, const backends::cuda::workspace_layout& w,
-                      const backends::cuda::sequence_desc* table, const std::int32_t* sel, unsigned char* ws,
-                      unsigned* tickets, float scale_log2) {
+  void history_passes(const core::fwd_params<Dtype>& p, const backends::cuda::call_bounds& b,
+                      const backends::cuda::workspace_layout& w, const backends::cuda::sequence_desc* table,
+                      const std::int32_t* sel, unsigned char* ws, unsigned* tickets, float scale_log2, cudaStream_t stream) {
     namespace c = backends::cuda;
-    const std::int64_t row_heads = table_[p.seqs.count].row_offset * p.q_heads, keys = p.kv_heads * w.total_blocks;
+    const std::int64_t row_heads = b.rows * p.q_heads, keys = p.kv_heads * w.total_blocks;
     auto* counts = reinterpret_cast<std::int32_t*>(ws + w.counts);
     auto* start = reinterpret_cast<std::int32_t*>(ws + w.start);
     auto* tile_count = reinterpret_cast<std::int64_t*>(ws + w.tile_count);
@@ -306,17 +431,17 @@ struct backend_impl<cuda, Dtype> {
     auto* rows = reinterpret_cast<std::int32_t*>(ws + w.rows);
     const unsigned entry_grid = grid((row_heads + 255) / 256), tile_grid = persistent_grid(w.history_tiles);
     const int max_span = static_cast<int>(std::max<std::int64_t>(1, c::max_joined_keys / p.block_size));
-    c::scan_slots_kernel<<<grid(w.passes), c::scan_threads, 0, stream_>>>(counts, keys, start, tile_count, tile_list,
-                                                                           w.history_tiles, table, p.seqs.count,
-                                                                           w.total_blocks, max_span);
+    c::scan_slots_kernel<<<grid(w.passes), c::scan_threads, 0, stream>>>(counts, keys, start, tile_count, tile_list,
+                                                                          w.history_tiles, table, p.seqs.count,
+                                                                          w.total_blocks, max_span);
     c::check_launch("scan_slots_kernel");
     for (std::int64_t slot = 0; slot < w.passes; ++slot) {
       const c::slot_lists lists{tile_count + slot, tile_list + slot * w.history_tiles, rows, w.total_blocks, sel, slot};
-      c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream_>>>(p, table, sel, slot, w.total_blocks, start + slot * w.counters,
-                                                                     counts + slot * w.counters, rows);
+      c::scatter_slot_kernel<Dtype><<<entry_grid, 256, 0, stream>>>(p, table, sel, slot, w.total_blocks, start + slot * w.counters,
+                                                                    counts + slot * w.counters, rows);
       c::check_launch("scatter_slot_kernel");
       const c::epilogue ep{reinterpret_cast<float*>(ws + w.lse2), slot > 0, false};
-      c::attention_kernel<Dtype, D><<<tile_grid, c::attention_threads, c::attention_smem<Dtype, D>::launch_bytes, stream_>>>(
+      c::attention_kernel<Dtype, D><<<tile_grid, c::attention_threads, c::attention_smem<Dtype, D>::launch_bytes, stream>>>(
           p, table, c::history_items{lists}, ep, scale_log2, tickets + slot);
       c::check_launch("attention_kernel (history blocks)");
     }
@@ -330,17 +455,18 @@ struct backend_impl<cuda, Dtype> {
 
   static unsigned grid(std::int64_t n) {
     detail::require(n < (std::int64_t{1} << 31), "moba::cuda: grid of ", n, " blocks is too large");
-    return static_cast<unsigned>(n);
+    return static_cast<unsigned>(std::max<std::int64_t>(n, 1));
   }
 
-  /// The caller's workspace, or the owned one grown (stream-ordered, no device sync) to `bytes`.
-  unsigned char* workspace(std::int64_t bytes) {
+  /// The object's workspace: set_workspace's, or the owned one grown (stream-ordered, no device
+  /// sync) to `bytes`.
+  unsigned char* workspace(std::int64_t bytes, cudaStream_t stream) {
     if (user_ != nullptr) return user_;
     if (bytes > owned_bytes_) {
-      if (owned_ != nullptr) MOBA_CUDA_CHECK(cudaFreeAsync(owned_, stream_));
+      if (owned_ != nullptr) MOBA_CUDA_CHECK(cudaFreeAsync(owned_, stream));
       owned_ = nullptr;
       void* fresh = nullptr;
-      MOBA_CUDA_CHECK(cudaMallocAsync(&fresh, static_cast<std::size_t>(bytes), stream_));
+      MOBA_CUDA_CHECK(cudaMallocAsync(&fresh, static_cast<std::size_t>(bytes), stream));
       owned_ = static_cast<unsigned char*>(fresh);
       owned_bytes_ = bytes;
     }
@@ -349,11 +475,12 @@ struct backend_impl<cuda, Dtype> {
 
   cudaStream_t stream_ = nullptr;
   int major_ = 0, sms_ = 1, max_ctas_ = 0;
-  std::vector<backends::cuda::sequence_desc> table_;
+  std::vector<backends::cuda::sequence_desc> table_;  // host offsets: guarded by staging_mutex_
   unsigned char* owned_ = nullptr;
   std::int64_t owned_bytes_ = 0;
   unsigned char* user_ = nullptr;
   std::int64_t user_bytes_ = 0;
+  std::mutex staging_mutex_;
   void* staging_ = nullptr;
   std::size_t staging_bytes_ = 0;
   cudaEvent_t staged_ = nullptr;

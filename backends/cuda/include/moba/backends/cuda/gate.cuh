@@ -104,6 +104,7 @@ __global__ void __launch_bounds__(means_threads, 16) block_means_kernel(core::fw
   __shared__ float partial[means_threads][w];
   const int chunk = threadIdx.x % chunks, first_row = threadIdx.x / chunks;
   const std::int64_t units = table[p.seqs.count].block_offset * p.kv_heads;
+  if (blockIdx.x >= units) return;  // the grid was sized by a bound (device offsets)
   struct unit_keys {
     const T* first;  // this thread's chunk of the unit's first key
     std::int64_t count, copies;
@@ -274,6 +275,10 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
   constexpr int qp = q_pieces<T>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4, mi = lane / 8, mr = lane % 8;
   const std::int64_t h = blockIdx.x % p.q_heads, kvh = p.kv_head(h), tile = blockIdx.x / p.q_heads;
+  if (tile >= table[p.seqs.count].tile_offset) {  // the grid was sized by a bound (device offsets)
+    if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) wait_for_prerequisite_grid();
+    return;
+  }
   const std::int64_t s = find_sequence(table, p.seqs.count, tile, [](const sequence_desc& e) { return e.tile_offset; });
   const sequence_desc e = table[s];  // a copy: stores to shared memory do not make it reload
   const std::int64_t i0 = (tile - e.tile_offset) * tile_rows;

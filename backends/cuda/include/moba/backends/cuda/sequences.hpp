@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: MIT
-/// @file The per-sequence table the kernels read (host-built, uploaded once per call) and its lookup.
+/// @file The per-sequence table the kernels read (host-built and uploaded, or built on the device from
+/// device offsets: table.cuh) and its lookup.
 #pragma once
 
 #include <cstdint>
 
+#include <moba/backends/cuda/tile_size.hpp>
 #include <moba/core/blocks.hpp>
 #include <moba/detail/macros.hpp>
 #include <moba/tensor_view.hpp>
@@ -19,6 +21,14 @@ struct sequence_desc {
   std::int64_t tile_offset = 0;   // tile_rows query tiles of earlier sequences
   std::int64_t row_offset = 0;    // queries of earlier sequences
 };
+
+/// What one sequence adds to the table's offsets: its key blocks, query tiles and queries.
+struct table_counts {
+  std::int64_t blocks, tiles, rows;
+};
+MOBA_HOST_DEVICE table_counts counts_of(const sequence_info& seq, std::int64_t block_size) {
+  return {core::block_count(seq.k_len, block_size), (seq.q_len + tile_rows - 1) / tile_rows, seq.q_len};
+}
 
 /// The sequence `s` with `offset(table[s]) <= x < offset(table[s + 1])`, by binary search; `count` sequences.
 template <class Offset>
