@@ -52,7 +52,8 @@ struct device_buffer {
 };
 
 template <class T>
-void bench_forward(benchmark::State& state, std::int64_t n, std::int64_t block, std::int64_t top_k, bool full) {
+void bench_forward(benchmark::State& state, std::int64_t n, std::int64_t block, std::int64_t top_k, bool full,
+                   bool offsets_on_device) {
   constexpr std::int64_t heads = 16, d = 128;
   const std::int64_t elems = n * heads * d;
   std::vector<std::unique_ptr<device_buffer>> sets;
@@ -61,6 +62,9 @@ void bench_forward(benchmark::State& state, std::int64_t n, std::int64_t block, 
     fill_random<T><<<1024, 256>>>(sets.back()->as<T>(), elems, 0x1234567ull * (s + 1));
   }
   device_buffer out(elems * sizeof(T));
+  device_buffer cu(2 * sizeof(std::int32_t));  // one packed sequence of n tokens, offsets on the device
+  const std::int32_t host_offsets[2] = {0, static_cast<std::int32_t>(n)};
+  check(cudaMemcpy(cu.p, host_offsets, sizeof(host_offsets), cudaMemcpyHostToDevice), "cudaMemcpy");
   check(cudaDeviceSynchronize(), "fill_random");
 
   moba::config cfg;
@@ -71,11 +75,14 @@ void bench_forward(benchmark::State& state, std::int64_t n, std::int64_t block, 
   cudaEvent_t start, stop, gate0, gate1;
   for (cudaEvent_t* e : {&start, &stop, &gate0, &gate1}) check(cudaEventCreate(e), "cudaEventCreate");
   if (!full) attn.backend().set_gate_events(gate0, gate1);
+  moba::device_offsets offsets;
+  if (offsets_on_device) offsets = {cu.as<std::int32_t>(), cu.as<std::int32_t>(), 1, n, n};
   auto args = [&](int set) {
     return moba::forward_args<T>{.q = moba::packed<const T>(sets[3 * set]->template as<T>(), n, heads, d),
                                  .k = moba::packed<const T>(sets[3 * set + 1]->template as<T>(), n, heads, d),
                                  .v = moba::packed<const T>(sets[3 * set + 2]->template as<T>(), n, heads, d),
-                                 .out = moba::packed(out.as<T>(), n, heads, d)};
+                                 .out = moba::packed(out.as<T>(), n, heads, d),
+                                 .device_seqlens = offsets};
   };
   for (int w = 0; w < 2; ++w) attn.forward(args(w % 2));  // warm-up: module load, workspace growth
   check(cudaDeviceSynchronize(), "warm-up");
@@ -105,12 +112,16 @@ void bench_forward(benchmark::State& state, std::int64_t n, std::int64_t block, 
   for (cudaEvent_t e : {start, stop, gate0, gate1}) cudaEventDestroy(e);
 }
 
-/// Registers one benchmark named cuda/<dtype>/<mode>/N=…/H=16/D=128/B=…/K=….
+/// Registers one benchmark named cuda/<dtype>/<mode>/N=…/H=16/D=128/B=…/K=…[/device-offsets] (padded
+/// batch 1, or one packed sequence whose offsets are in device memory: the embedding path).
 template <class T>
-void register_config(const char* dtype, std::int64_t n, std::int64_t block, std::int64_t top_k, bool full) {
+void register_config(const char* dtype, std::int64_t n, std::int64_t block, std::int64_t top_k, bool full,
+                     bool offsets_on_device = false) {
   const std::string name = std::string("cuda/") + dtype + (full ? "/full" : "/sparse") + "/N=" + std::to_string(n) +
-                           "/H=16/D=128/B=" + std::to_string(block) + "/K=" + std::to_string(top_k);
-  benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { bench_forward<T>(s, n, block, top_k, full); })
+                           "/H=16/D=128/B=" + std::to_string(block) + "/K=" + std::to_string(top_k) +
+                           (offsets_on_device ? "/device-offsets" : "");
+  benchmark::RegisterBenchmark(name.c_str(),
+                               [=](benchmark::State& s) { bench_forward<T>(s, n, block, top_k, full, offsets_on_device); })
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond)
       ->Iterations(1)
@@ -130,6 +141,8 @@ void register_all() {
   register_config<moba::float16>("f16", 32768, 512, 3, false);
   register_config<moba::float16>("f16", 131072, 2048, 3, false);
   register_config<float>("f32", 32768, 512, 3, false);
+  register_config<moba::bfloat16>("bf16", 32768, 512, 3, false, true);
+  register_config<moba::bfloat16>("bf16", 131072, 2048, 3, false, true);
 }
 
 }  // namespace
