@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
 """moba-ref end to end: NumPy reads what it writes, run reproduces generate bit for bit, check
-catches a perturbation, and every bad input exits 2 leaving no output behind."""
+catches a perturbation, every bad input exits 2 with one message leaving no output behind, failed
+writes are reported, and an interrupted run removes its temporary folder."""
 import json
 import os
 import pathlib
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import numpy as np
@@ -26,8 +31,26 @@ def gen(**changes):
 GEN = gen()
 
 
-def tool(*args):
-    return subprocess.run([TOOL, *args], capture_output=True, text=True)
+def tool(*args, **kwargs):
+    return subprocess.run([TOOL, *args], capture_output=True, text=True, **kwargs)
+
+
+def file_size_limit(limit, ignore_sigxfsz):
+    """A preexec_fn: files the child writes past `limit` bytes fail as on a full disk (root included)."""
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        if ignore_sigxfsz:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply
+
+
+def save_raw(path, header, data):
+    """A .npy file with a hand-written version 1.0 header dictionary."""
+    pathlib.Path(path).write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + data)
+
+
+# Long enough (seconds) to be interrupted while it computes, and light on memory.
+SLOW = gen(seqlens=",".join(["1000"] * 20), q_heads="2", kv_heads="1")
 
 
 class MobaRef(unittest.TestCase):
@@ -147,13 +170,13 @@ class MobaRef(unittest.TestCase):
         np.save(self.path("cu_bad.npy"), np.array([0, 80, 60, 115], dtype=np.int32))
         self.assert_bad(run(cu=self.path("cu_bad.npy")), "cu_seqlens_q decreases")
         np.save(self.path("cu_short.npy"), np.array([0, 100], dtype=np.int32))
-        self.assert_bad(run(cu=self.path("cu_short.npy")), "but the tensors hold 115")
-        self.assert_bad(gen(top_k="0"), "top_k = 0")
+        self.assert_bad(run(cu=self.path("cu_short.npy")), "ends at 100 but --q")
+        self.assert_bad(gen(top_k="0"), "--top-k = '0'")
         self.assert_bad(gen(kv_heads="3"), "Hq % Hkv != 0")
         self.assert_bad([*GEN, "--no-such-option"], "no-such-option")
         self.assert_bad(gen(seqlens="2000000000,2000000000"), "more than 2^31 - 1 tokens")
         self.assert_bad(gen(seqlens="200000"), "use moba::cpu for long sequences")
-        self.assert_bad(["check", "--expected", d, "--actual", os.path.join(d, "lse.npy")], "has shape [115,4]")
+        self.assert_bad(["check", "--expected", d, "--actual", os.path.join(d, "lse.npy")], "has shape [115, 4]")
         # An existing --out folder is never overwritten.
         r = tool(*GEN, "--out", d)
         self.assertEqual(r.returncode, 2)
@@ -164,6 +187,241 @@ class MobaRef(unittest.TestCase):
             r = tool(sub, "--help")
             self.assertEqual(r.returncode, 0)
             self.assertIn("--", r.stdout)
+
+    def assert_one_line(self, r, *needles):
+        """Exit 2 with exactly one line on stderr holding every needle, and nothing left in the folder."""
+        self.assertEqual(r.returncode, 2, r.stdout + r.stderr)
+        self.assertEqual(len(r.stderr.splitlines()), 1, r.stderr)
+        for needle in needles:
+            self.assertIn(needle, r.stderr)
+        try:
+            self.assertEqual([f for f in os.listdir(self.dir) if "tmp" in f or f == "never"], [])
+        finally:  # so that one failure does not spill into the next subtest
+            shutil.rmtree(self.path("never"), ignore_errors=True)
+
+    def test_every_bad_option_exits_2_with_one_line_naming_it_and_the_value(self):
+        d = self.generate("g")
+        check = ["check", "--expected", d, "--actual", os.path.join(d, "out.npy")]
+        never = ["--out", self.path("never")]
+        cases = [(check + ["--tol", t], "--tol", t) for t in ["-1", "nan", "inf", "-inf", "", "1e-3x", " 1"]]
+        cases += [(gen(seed=x) + never, "--seed", x) for x in ["-1", "18446744073709551616", "1e3", "0x10", ""]]
+        cases += [(gen(seqlens=x) + never, "--seqlens", x) for x in ["1,,2", ",1", "1,", "", "-5", "1;2", "2147483648"]]
+        cases += [(gen(seqlens="2147483647,1") + never, "--seqlens", "2147483647,1")]
+        for option in ["block-size", "top-k", "q-heads", "kv-heads", "head-dim"]:
+            for x in ["0", "-3", "1.5", "0x10", " 4", "99999999999999999999", ""]:
+                cases.append((gen(**{option: x}) + never, f"--{option}", x))
+        cases += [(gen(scale=x) + never, "--scale", x) for x in ["nan", "inf", "", "1/8"]]
+        cases += [(gen() + ["--out", ""], "--out", "")]
+        cases += [(gen(dtype="f8") + never, "--dtype", "f8"), (gen(mode="dense") + never, "--mode", "dense")]
+        for args, option, value in cases:
+            with self.subTest(args=args):
+                self.assert_one_line(tool(*args), option, f"{value}")
+
+    def test_run_checks_every_input_file_against_the_views_built_on_it(self):
+        rng = np.random.default_rng()
+        arrays = {"q": (400, 4, 16), "k8": (400, 2, 8), "k": (400, 2, 16), "k300": (300, 2, 16), "k_rank2": (400, 32),
+                  "k_rank4": (400, 2, 16, 1), "q0heads": (400, 0, 16), "q0dim": (400, 4, 0), "k3heads": (400, 3, 16)}
+        for name, shape in arrays.items():
+            np.save(self.path(name + ".npy"), rng.standard_normal(shape).astype(np.float32))
+        np.save(self.path("q_int.npy"), np.ones((400, 4, 16), dtype=np.int32))
+        np.save(self.path("v_f16.npy"), np.ones((400, 2, 16), dtype=np.float16))
+        for name, cu in {"cu": [0, 400], "cu3": [0, 100, 300], "cu2d": [[0, 400]], "cu_empty": [],
+                         "cu_big": [0, 1 << 31]}.items():
+            np.save(self.path(name + ".npy"), np.array(cu, dtype=np.int64))
+        np.save(self.path("cu_f4.npy"), np.array([0, 400], dtype=np.float32))
+        p = lambda name: self.path(name + ".npy")
+
+        def run(q="q", k="k", v="k", cu="cu", cu_k=None):
+            extra = ["--cu-seqlens-k", p(cu_k)] if cu_k else []
+            return ["run", "--q", p(q), "--k", p(k), "--v", p(v), "--cu-seqlens", p(cu), *extra,
+                    "--block-size", "16", "--top-k", "2", "--out", self.path("never")]
+
+        cases = [  # the adversarial run's example, then one per check
+            (run(k="k8", v="k8"), [p("k8"), "[400, 2, 8]", "[400, 4, 16]", "head dims"]),
+            (run(v="k8"), [p("k8"), "[400, 2, 8]", "[400, 2, 16]", "must match"]),
+            (run(k="k300", v="k300"), [p("k300"), "[300, 2, 16]", "ends at 400"]),
+            (run(k="k_rank2"), [p("k_rank2"), "[400, 32]", "[tokens, heads, dim]"]),
+            (run(k="k_rank4"), [p("k_rank4"), "[400, 2, 16, 1]"]),
+            (run(q="q0heads"), [p("q0heads"), "[400, 0, 16]", ">= 1"]),
+            (run(q="q0dim", k="q0dim", v="q0dim"), [p("q0dim"), "[400, 4, 0]"]),
+            (run(q="q_int"), [p("q_int"), "<i4"]),
+            (run(v="v_f16"), [p("v_f16"), "<f2", "--dtype f32 needs <f4"]),
+            (run(cu="cu3"), [p("cu3"), "ends at 300", p("q"), "[400, 4, 16]"]),
+            (run(cu_k="cu3"), [p("cu"), p("cu3"), "2 entries", "has 3"]),
+            (run(cu="cu2d"), [p("cu2d"), "[1, 2]"]),
+            (run(cu="cu_empty"), [p("cu_empty"), "[0]"]),
+            (run(cu="cu_f4"), [p("cu_f4"), "<f4"]),
+            (run(cu="cu_big"), [p("cu_big"), "2147483648", "out of range"]),
+            (run(k="k3heads", v="k3heads"), ["Hq % Hkv != 0"]),
+        ]
+        for args, needles in cases:
+            with self.subTest(args=args):
+                self.assert_one_line(tool(*args), *needles)
+        self.assertEqual(tool(*run()[:-1], self.path("ok")).returncode, 0)
+
+    def test_npy_headers_numpy_never_writes_are_refused(self):
+        d = self.generate("g")
+        q = np.load(os.path.join(d, "q.npy"))
+        data = q.tobytes()
+        dict_ = "{'descr': '<f4', 'fortran_order': False, 'shape': (115, 4, 16), "
+        cases = {
+            "twice": ("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), 'shape': (115, 4, 16), }", data,
+                      "duplicate key 'shape'"),
+            "garbage": (dict_ + "} x", data, "after the dictionary"),
+            "two_dicts": (dict_ + "}{}", data, "after the dictionary"),
+            "no_shape": ("{'descr': '<f4', 'fortran_order': False, }", data, "lacks shape"),
+            "no_descr": ("{'fortran_order': False, 'shape': (115, 4, 16), }", data, "lacks descr"),
+            "long": (dict_ + "}", data + b"\0", f"data holds {len(data) + 1} bytes"),
+            "short": (dict_ + "}", data[:-1], f"data holds {len(data) - 1} bytes"),
+            "overflow": ("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 1), }", b"",
+                         "overflows 64 bits"),
+        }
+        for name, (header, payload, needle) in cases.items():
+            with self.subTest(name=name):
+                save_raw(self.path(name + ".npy"), header.encode(), payload)
+                r = tool("run", "--q", self.path(name + ".npy"), *(f"--{x}={os.path.join(d, x + '.npy')}" for x in "kv"),
+                         "--cu-seqlens", os.path.join(d, "cu_seqlens.npy"), "--block-size", "16", "--top-k", "3",
+                         "--out", self.path("never"))
+                self.assert_one_line(r, self.path(name + ".npy"), needle)
+
+    def test_a_full_disk_fails_naming_the_file_and_leaves_nothing(self):
+        tiny = gen(seqlens="1", q_heads="1", kv_heads="1", head_dim="1")  # each file fits a stdio buffer
+        cases = [(tiny, 0, "q.npy"),  # fails only at the flush or the close
+                 (tiny, 200, "meta.json"),  # every .npy fits under 200 bytes; meta.json, written last, does not
+                 (GEN, 4096, "q.npy")]  # fails in the middle of the data
+        for args, limit, file in cases:
+            for ignore in [True, False]:  # SIGXFSZ ignored (write returns EFBIG) or left to kill
+                with self.subTest(args=args, limit=limit, ignore=ignore):
+                    r = tool(*args, "--out", self.path("never"), preexec_fn=file_size_limit(limit, ignore))
+                    self.assert_one_line(r, "cannot write", file, "File too large")
+        d = self.generate("g")
+        r = tool("run", *(f"--{x}={os.path.join(d, x + '.npy')}" for x in "qkv"), "--cu-seqlens",
+                 os.path.join(d, "cu_seqlens.npy"), "--block-size", "16", "--top-k", "3", "--out", self.path("never"),
+                 preexec_fn=file_size_limit(4096, True))
+        self.assert_one_line(r, "cannot write", "out.npy")
+
+    def test_a_report_that_cannot_be_written_exits_2(self):
+        d = self.generate("g")
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([TOOL, "check", "--expected", d, "--actual", os.path.join(d, "out.npy")], stdout=full,
+                               stderr=subprocess.PIPE, text=True)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("standard output", r.stderr)
+
+    def start_slow(self, out, args=SLOW, **kwargs):
+        """Starts a run and returns it once its temporary folder exists."""
+        p = subprocess.Popen([TOOL, *args, "--out", out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             **kwargs)
+        tmp = f"{out}.tmp-{p.pid}"
+        deadline = time.monotonic() + 60
+        while not os.path.isdir(tmp):
+            self.assertIsNone(p.poll(), "the run ended before its temporary folder appeared")
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.005)
+        return p, tmp
+
+    def test_interruptions_remove_the_temporary_folder_and_the_parents_made_for_it(self):
+        for sig in [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]:
+            with self.subTest(sig=sig):
+                p, tmp = self.start_slow(self.path("a", "b", "out"))
+                time.sleep(0.2)  # into the computation
+                p.send_signal(sig)
+                _, err = p.communicate(timeout=60)
+                self.assertEqual(p.returncode, -sig, err)  # died of the signal: 128 + sig in a shell
+                self.assertEqual(os.listdir(self.dir), [])
+
+    def test_a_signal_ignored_by_the_caller_stays_ignored(self):
+        p, tmp = self.start_slow(self.path("out"), gen(seqlens="1200,1200"),
+                                 preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        p.send_signal(signal.SIGHUP)
+        _, err = p.communicate(timeout=120)
+        self.assertEqual(p.returncode, 0, err)
+        self.assertEqual(os.listdir(self.dir), ["out"])
+
+    def test_an_out_created_meanwhile_is_never_replaced(self):
+        out = self.path("out")
+        p, tmp = self.start_slow(out, gen(seqlens="1200,1200"))
+        os.mkdir(out)  # an empty folder: plain rename(2) would replace it
+        _, err = p.communicate(timeout=120)
+        self.assertEqual(p.returncode, 2, err)
+        self.assertIn("created by someone else", err)
+        self.assertEqual(os.listdir(self.dir), ["out"])
+        self.assertEqual(os.listdir(out), [])
+
+    def test_the_next_run_removes_the_leftover_of_a_killed_one(self):
+        out = self.path("out")
+        p, tmp = self.start_slow(out)
+        p.kill()
+        p.communicate()
+        self.assertTrue(os.path.isdir(tmp))  # SIGKILL leaves no chance to clean up
+        alive = f"{out}.tmp-{os.getpid()}"  # a process that runs: reported, left alone
+        unrelated = [f"{out}.tmp-12ab", f"{out}.tmp-", self.path("other.tmp-1")]
+        for path in [alive, *unrelated]:
+            os.mkdir(path)
+        r = tool(*GEN, "--out", out)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(f"removed {tmp}", r.stderr)
+        self.assertIn(f"{alive} belongs to process {os.getpid()}", r.stderr)
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(os.path.basename(x) for x in [out, alive, *unrelated]))
+
+    def test_a_failure_after_the_folder_was_made_removes_it_and_its_parents(self):
+        for args, needle in [(gen(kv_heads="3"), "Hq % Hkv != 0"), (gen(top_k="3000000000000"), "--top-k")]:
+            with self.subTest(args=args):
+                r = tool(*args, "--out", self.path("a", "b", "out"))
+                self.assert_one_line(r, needle)
+                self.assertEqual(os.listdir(self.dir), [])
+
+    def test_out_with_a_trailing_slash_is_the_folder_itself(self):
+        r = tool(*GEN, "--out", self.path("out") + "//")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(os.listdir(self.dir), ["out"])
+        self.assertIn("meta.json", os.listdir(self.path("out")))
+
+    def test_check_refuses_an_expected_folder_it_cannot_trust(self):
+        d = self.generate("g")
+        meta = json.loads(pathlib.Path(d, "meta.json").read_text())
+        out64 = np.load(os.path.join(d, "out_f64.npy"))
+
+        def folder(name, meta_text=None, out_f64=None):
+            f = self.path(name)
+            os.mkdir(f)
+            pathlib.Path(f, "meta.json").write_text(meta_text if meta_text is not None else json.dumps(meta))
+            np.save(os.path.join(f, "out_f64.npy"), out_f64 if out_f64 is not None else out64)
+            return f
+
+        nan = out64.copy()
+        nan[3, 1, 2] = np.nan
+        cases = {  # heads x dim = 0 was a SIGFPE
+            "zero_heads": (json.dumps(dict(meta, q_heads=0)), np.zeros((115, 0, 16)), "q_heads = 0"),
+            "zero_dim": (json.dumps(dict(meta, head_dim=0)), np.zeros((115, 4, 0)), "head_dim = 0"),
+            "bad_dtype": (json.dumps(dict(meta, dtype="f8")), None, "dtype = \"f8\""),
+            "dtype_not_text": (json.dumps(dict(meta, dtype=32)), None, "dtype = 32"),
+            "heads_text": (json.dumps(dict(meta, q_heads="4")), None, "q_heads = \"4\""),
+            "not_json": ("{", None, "meta.json"),
+            "a_list": ("[]", None, "meta.json"),
+            "no_cu": (json.dumps({k: v for k, v in meta.items() if k != "cu_seqlens_q"}), None, "cu_seqlens_q"),
+            "shape_vs_meta": (None, out64[:, :2], "[115, 2, 16]"),
+            "f4": (None, out64.astype(np.float32), "<f4"),
+            "nan": (None, nan, "nan"),
+        }
+        for name, (meta_text, expected, needle) in cases.items():
+            with self.subTest(name=name):
+                f = folder(name, meta_text, expected)
+                actual = self.path(name + "_actual.npy")
+                np.save(actual, np.load(os.path.join(f, "out_f64.npy")).astype(np.float32))
+                self.assert_one_line(tool("check", "--expected", f, "--actual", actual), needle)
+        np.save(self.path("int.npy"), out64.astype(np.int32))
+        self.assert_one_line(tool("check", "--expected", d, "--actual", self.path("int.npy")), "int.npy", "<i4")
+        # An empty folder (every sequence of length 0) has nothing to compare, and passes.
+        e = self.path("empty")
+        self.assertEqual(tool(*gen(seqlens="0,0"), "--out", e).returncode, 0)
+        r = tool("check", "--expected", e, "--actual", os.path.join(e, "out.npy"))
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("no elements", r.stdout)
+        r = tool("run", *(f"--{x}={os.path.join(e, x + '.npy')}" for x in "qkv"), "--cu-seqlens",
+                 os.path.join(e, "cu_seqlens.npy"), "--block-size", "16", "--top-k", "3", "--out", self.path("empty-run"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(np.load(self.path("empty-run", "out.npy")).shape, (0, 4, 16))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ TEST_CASE("write then read returns the same descr, shape and bytes, with a 64-by
   std::vector<float> x(3 * 5 * 7);
   for (auto& e : x) e = std::normal_distribution<float>()(rng);
   const auto path = (std::filesystem::temp_directory_path() / ("npy_" + std::to_string(rng()) + ".npy")).string();
-  npy::write(path, "<f4", {3, 5, 7}, x.data());
+  npy::write(path, "<f4", {3, 5, 7}, x.data(), x.size() * 4);
   const npy::array a = npy::read(path);
   CHECK(a.descr == "<f4");
   CHECK(a.shape == std::vector<std::int64_t>{3, 5, 7});
@@ -63,11 +63,68 @@ TEST_CASE("malformed or unsupported files are rejected with a message") {
   CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }") + "abcd"),
                        doctest::Contains("Fortran-order"), npy::error);
   CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'shape': (1,), }") + "abcd"),
-                       doctest::Contains("lacks descr"), npy::error);
+                       doctest::Contains("lacks fortran_order"), npy::error);
   CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 16), }")),
-                       doctest::Contains("shape overflows"), npy::error);
+                       doctest::Contains("overflows 64 bits"), npy::error);
   CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (8589934592, 1073741824, 0), }")),
-                       doctest::Contains("shape overflows"), npy::error);  // empty, but count() would overflow
+                       doctest::Contains("overflows 64 bits"), npy::error);  // empty, but count() would overflow
   CHECK_THROWS_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (1,")), npy::error);
   CHECK_THROWS_AS(npy::read("/nonexistent/x.npy"), npy::error);
+}
+
+TEST_CASE("a header must be one dictionary naming descr, fortran_order and shape once each") {
+  const std::string four = "abcd";
+  for (const char* dict : {"{'descr': '<f4', 'fortran_order': False, 'shape': (1,), 'shape': (1,)}",
+                           "{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (1,)}",
+                           "{'fortran_order': False, 'descr': '<f4', 'fortran_order': True, 'shape': (1,)}"}) {
+    CAPTURE(dict);
+    CHECK_THROWS_WITH_AS(parse(preamble(dict) + four), doctest::Contains("duplicate key"), npy::error);
+  }
+  CHECK_THROWS_WITH_AS(parse(preamble("{'fortran_order': False, 'shape': (1,)}") + four), doctest::Contains("lacks descr"),
+                       npy::error);
+  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False}") + four), doctest::Contains("lacks shape"),
+                       npy::error);
+  for (const std::string& tail : std::vector<std::string>{"x", "}", "{}", " , ", std::string("\n\0", 2)}) {
+    CAPTURE(tail);
+    const std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }" + tail;
+    CHECK_THROWS_WITH_AS(parse(preamble(dict) + four), doctest::Contains("after the dictionary"), npy::error);
+  }
+  // NumPy's own padding (spaces, then a newline) is fine.
+  CHECK(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }      \n") + four).count() == 1);
+}
+
+TEST_CASE("data one byte shorter or longer than the shape needs is rejected; shapes overflowing 64 bits too") {
+  const std::string h = preamble("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }");
+  CHECK(parse(h + std::string(24, '\0')).count() == 6);
+  CHECK_THROWS_WITH_AS(parse(h + std::string(23, '\0')), doctest::Contains("data holds 23 bytes"), npy::error);
+  CHECK_THROWS_WITH_AS(parse(h + std::string(25, '\0')), doctest::Contains("data holds 25 bytes"), npy::error);
+  // 2^32 * 2^32 wraps to 0 in 64 bits, which a naive product would take for an empty array.
+  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<u2', 'fortran_order': False, 'shape': (4294967296, 4294967296), }")),
+                       doctest::Contains("overflows 64 bits"), npy::error);
+  // Fits int64 as elements, but not as bytes.
+  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f8', 'fortran_order': False, 'shape': (4611686018427387904,), }")),
+                       doctest::Contains("needs"), npy::error);
+}
+
+TEST_CASE("header() parses back to the same descr and shape for every shape rank") {
+  for (const std::vector<std::int64_t>& shape : std::vector<std::vector<std::int64_t>>{{}, {0}, {3}, {2, 0, 5}, {2, 3, 4}}) {
+    const npy::array a = parse(npy::header("<f2", shape) + std::string(2 * npy::array{"<f2", shape, {}}.count(), '\7'));
+    CHECK(a.descr == "<f2");
+    CHECK(a.shape == shape);
+    CHECK(npy::header("<f2", shape).size() % 64 == 0);
+  }
+  CHECK_THROWS_AS(npy::header(">f8", {1}), npy::error);
+}
+
+TEST_CASE("failed writes and reads throw naming the file: a full disk, a folder, a missing parent") {
+  const float x[2] = {1, 2};
+  // /dev/full accepts the open and fails the write: this small file only reaches it at the flush.
+  CHECK_THROWS_WITH_AS(npy::write("/dev/full", "<f4", {2}, x, sizeof x), doctest::Contains("cannot write '/dev/full'"),
+                       npy::error);
+  CHECK_THROWS_WITH_AS(npy::write_file("/dev/full", {"{}"}), doctest::Contains("No space left"), npy::error);
+  CHECK_THROWS_WITH_AS(npy::write("/nonexistent/x.npy", "<f4", {2}, x, sizeof x),
+                       doctest::Contains("cannot create '/nonexistent/x.npy'"), npy::error);
+  CHECK_THROWS_AS(npy::write("/dev/null", "<f4", {3}, x, sizeof x), std::logic_error);  // 3 elements, 2 given
+  CHECK_THROWS_WITH_AS(npy::read(std::filesystem::temp_directory_path().string()), doctest::Contains("cannot read"),
+                       npy::error);
 }

@@ -1,19 +1,27 @@
 // SPDX-License-Identifier: MIT
 /// @file moba-ref: writes trusted MoBA inputs and outputs as .npy files, and checks other kernels against them.
+/// It trusts nothing it is given: every option is parsed strictly, every input file is checked against
+/// the views built on it, every write is checked, and an output folder appears whole or not at all.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <moba/moba.hpp>
 
 #include <algorithm>
+#include <cerrno>
+#include <charconv>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
+#include <fcntl.h>
 #include <filesystem>
 #include <fstream>
-#include <iostream>
 #include <limits>
+#include <mutex>
+#include <pthread.h>
 #include <random>
 #include <string>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -38,6 +46,14 @@ constexpr const char* npy_descr() {
   return "<u2";  // bfloat16 bit patterns
 }
 
+/// The storage of a dtype name, and back ("" for a descr that holds no floats).
+std::string descr_of(const std::string& dtype) {
+  return dtype == "f64" ? "<f8" : dtype == "f32" ? "<f4" : dtype == "f16" ? "<f2" : "<u2";
+}
+std::string dtype_of(const std::string& descr) {
+  return descr == "<f8" ? "f64" : descr == "<f4" ? "f32" : descr == "<f2" ? "f16" : descr == "<u2" ? "bf16" : "";
+}
+
 /// SPEC §Precision bound on outputs and lse for a dtype name.
 double spec_bound(const std::string& dtype) {
   if (dtype == "f64") return 1e-12;
@@ -45,6 +61,213 @@ double spec_bound(const std::string& dtype) {
   if (dtype == "f16") return 2e-3;
   return 1e-2;
 }
+
+// ---- Options. Numbers are parsed here rather than by CLI11, which accepts "0x10" and " 4", saturates
+// overflow and wraps "-1" into an unsigned seed.
+
+template <class Int>
+Int parse_integer(const std::string& option, const std::string& text, Int lo, Int hi) {
+  Int v{};
+  const char* end = text.data() + text.size();
+  const auto [stop, ec] = std::from_chars(text.data(), end, v);
+  if (text.empty() || ec != std::errc() || stop != end || v < lo || v > hi) {
+    throw usage_error(option + " = '" + text + "': expected an integer from " + std::to_string(lo) + " to " +
+                      std::to_string(hi));
+  }
+  return v;
+}
+
+/// A finite number, >= 0 where `non_negative`.
+double parse_real(const std::string& option, const std::string& text, bool non_negative) {
+  double v = 0;
+  const char* end = text.data() + text.size();
+  const auto [stop, ec] = std::from_chars(text.data(), end, v);
+  if (text.empty() || ec != std::errc() || stop != end || !std::isfinite(v) || (non_negative && v < 0))
+    throw usage_error(option + " = '" + text + "': expected a finite number" + (non_negative ? " >= 0" : ""));
+  return v;
+}
+
+constexpr std::int64_t max_tokens = std::numeric_limits<std::int32_t>::max();  // cu_seqlens are int32
+
+std::vector<std::int64_t> parse_seqlens(const std::string& text) {
+  std::vector<std::int64_t> lens;
+  std::int64_t total = 0;
+  std::size_t start = 0;
+  do {
+    const std::size_t comma = std::min(text.find(',', start), text.size());
+    const std::string item = text.substr(start, comma - start);
+    try {
+      lens.push_back(parse_integer<std::int64_t>("--seqlens", item, 0, max_tokens));
+    } catch (const usage_error&) {
+      throw usage_error("--seqlens = '" + text + "': item " + std::to_string(lens.size() + 1) + " ('" + item +
+                        "') is not a length from 0 to " + std::to_string(max_tokens));
+    }
+    if ((total += lens.back()) > max_tokens) throw usage_error("--seqlens = '" + text + "' add up to more than 2^31 - 1 tokens");
+    start = comma + 1;
+  } while (start <= text.size());
+  return lens;
+}
+
+/// The output folder without trailing slashes, so that OUT.tmp-PID sits beside it, not inside.
+fs::path parse_out(const std::string& text) {
+  if (text.empty()) throw usage_error("--out = '': expected a folder name");
+  fs::path p = fs::path(text).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();
+  if (p.empty() || p.filename() == "." || p.filename() == "..") throw usage_error("--out = '" + text + "' already exists; choose a new folder");
+  return p;
+}
+
+/// a · b · …, refusing arrays past `max_elements` so that no size derived from the inputs overflows.
+constexpr std::int64_t max_elements = 100'000'000'000;
+std::int64_t elements(std::initializer_list<std::int64_t> dims, const std::string& what) {
+  std::int64_t n = 1;
+  for (auto d : dims) {
+    if (__builtin_mul_overflow(n, d, &n) || n > max_elements)
+      throw usage_error(what + " would hold more than " + std::to_string(max_elements) + " elements; too large");
+  }
+  return n;
+}
+
+// ---- The output folder. Results go to OUT.tmp-PID, which is renamed to OUT once everything is on disk.
+// SIGINT, SIGTERM and SIGHUP are blocked in every thread (the CPU backend's workers inherit the mask)
+// and taken by one watcher thread through sigwait, so the cleanup runs in ordinary code, not in a
+// handler. The watcher takes stage_mutex, which each file write holds, so no file can be created
+// after it removed the folder.
+
+std::mutex stage_mutex;
+class staging;
+staging* active_stage = nullptr;  // guarded by stage_mutex
+
+bool exists_or_link(const fs::path& p) { return fs::exists(fs::symlink_status(p)); }
+
+/// rename(2) that never replaces `to`: plain rename would replace an empty folder created meanwhile.
+int rename_noreplace(const fs::path& from, const fs::path& to) {
+#ifdef RENAME_NOREPLACE
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) return 0;
+  if (errno != EINVAL && errno != ENOSYS) return -1;  // else a file system without the flag
+#endif
+  if (exists_or_link(to)) return errno = EEXIST, -1;
+  return std::rename(from.c_str(), to.c_str());
+}
+
+class staging {
+ public:
+  explicit staging(const fs::path& out) : out_(out), tmp_(out.string() + ".tmp-" + std::to_string(::getpid())) {
+    std::lock_guard lock(stage_mutex);
+    try {
+      if (exists_or_link(out_)) throw usage_error("--out " + out_.string() + " already exists; choose a new folder");
+      remove_leftovers();
+      std::vector<fs::path> missing;  // parents to create, innermost first; removed again on failure
+      for (fs::path p = out_.parent_path(); !p.empty() && !exists_or_link(p); p = p.parent_path()) missing.push_back(p);
+      active_stage = this;
+      for (auto p = missing.rbegin(); p != missing.rend(); ++p)
+        if (fs::create_directory(*p)) made_.push_back(*p);
+      if (!fs::create_directory(tmp_)) throw usage_error(tmp_.string() + " appeared meanwhile; is another moba-ref writing " + out_.string() + "?");
+      have_tmp_ = true;
+    } catch (...) {
+      remove();
+      active_stage = nullptr;
+      throw;
+    }
+  }
+  staging(const staging&) = delete;
+  staging& operator=(const staging&) = delete;
+  ~staging() {
+    std::lock_guard lock(stage_mutex);
+    if (!committed_) remove();
+    active_stage = nullptr;
+  }
+
+  /// Calls write(path) for the file `name` of the folder, holding the lock against the watcher.
+  template <class Write>
+  void write(const std::string& name, Write&& write) {
+    std::lock_guard lock(stage_mutex);
+    write((tmp_ / name).string());
+  }
+
+  void commit() {
+    std::lock_guard lock(stage_mutex);
+    if (rename_noreplace(tmp_, out_) != 0) {
+      const int err = errno;
+      throw std::runtime_error(err == EEXIST || err == ENOTEMPTY
+                                   ? "--out " + out_.string() + " was created by someone else while moba-ref ran; the results were not kept"
+                                   : "cannot rename " + tmp_.string() + " to " + out_.string() + ": " + std::strerror(err));
+    }
+    committed_ = true;
+    active_stage = nullptr;
+  }
+
+  /// Removes what this run made; stage_mutex is held. Never throws: it also runs on the way out of errors.
+  void remove() noexcept {
+    std::error_code ec;
+    if (have_tmp_) fs::remove_all(tmp_, ec);
+    for (auto p = made_.rbegin(); p != made_.rend(); ++p) fs::remove(*p, ec);  // only while still empty
+    have_tmp_ = false;
+    made_.clear();
+  }
+
+ private:
+  /// OUT.tmp-PID folders of runs killed without a chance to clean up (SIGKILL, a crash): removed when
+  /// their process is gone, reported when it still runs. Our own pid can only be an earlier run's.
+  void remove_leftovers() {
+    const fs::path parent = out_.parent_path().empty() ? fs::path(".") : out_.parent_path();
+    if (!fs::is_directory(parent)) return;
+    const std::string prefix = out_.filename().string() + ".tmp-";
+    for (const auto& entry : fs::directory_iterator(parent)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind(prefix, 0) != 0 || entry.symlink_status().type() != fs::file_type::directory) continue;
+      const std::string digits = name.substr(prefix.size());
+      pid_t pid = 0;
+      const auto [stop, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), pid);
+      if (ec != std::errc() || stop != digits.data() + digits.size() || pid <= 0) continue;
+      if (pid == ::getpid() || (::kill(pid, 0) != 0 && errno == ESRCH)) {
+        fs::remove_all(entry.path());
+        std::fprintf(stderr, "moba-ref: removed %s, left by an interrupted run (process %d is gone)\n",
+                     entry.path().c_str(), static_cast<int>(pid));
+      } else {
+        std::fprintf(stderr, "moba-ref: note: %s belongs to process %d, which still runs; left alone\n",
+                     entry.path().c_str(), static_cast<int>(pid));
+      }
+    }
+  }
+
+  fs::path out_, tmp_;
+  std::vector<fs::path> made_;  // parents created for tmp_, outermost first
+  bool have_tmp_ = false, committed_ = false;
+};
+
+sigset_t watched_signals;  // set once, before the watcher starts
+
+/// Waits for an interruption, removes the folder being written, then dies of the same signal (exit
+/// status 128 + sig in a shell), holding stage_mutex to the end so no file is written after the removal.
+void watch_signals() {
+  int sig = 0;
+  while (sigwait(&watched_signals, &sig) != 0) {
+  }
+  std::lock_guard lock(stage_mutex);
+  if (active_stage) active_stage->remove();
+  std::signal(sig, SIG_DFL);
+  sigset_t one;
+  sigemptyset(&one);
+  sigaddset(&one, sig);
+  pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+  raise(sig);
+  _exit(128 + sig);
+}
+
+void install_signal_watcher() {
+  sigemptyset(&watched_signals);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
+    struct sigaction now {};
+    // One ignored by whoever started us (nohup, a background job) stays ignored.
+    if (sigaction(sig, nullptr, &now) == 0 && now.sa_handler != SIG_IGN) sigaddset(&watched_signals, sig);
+  }
+  pthread_sigmask(SIG_BLOCK, &watched_signals, nullptr);  // before any other thread exists, so all inherit it
+  std::signal(SIGXFSZ, SIG_IGN);  // past a file-size limit, write() then fails with EFBIG and is reported
+  std::thread(watch_signals).detach();
+}
+
+// ---- Computing.
 
 struct settings {
   std::int64_t q_heads = 1, kv_heads = 1, head_dim = 64;
@@ -66,16 +289,21 @@ struct inputs {
 template <class Backend, class T>
 void run_backend(const settings& s, const inputs<T>& in, std::vector<T>& out, std::vector<moba::accum_t<T>>& lse,
                  std::vector<std::int32_t>& selected, std::int64_t width) {
-  out.assign(in.total_q() * s.q_heads * s.head_dim, T{});
-  lse.assign(in.total_q() * s.q_heads, 0);
-  selected.assign(in.total_q() * s.q_heads * width, -1);
+  const std::int64_t tq = in.total_q(), tk = in.total_k(), hq = s.q_heads, hkv = s.kv_heads, d = s.head_dim;
+  // The views below read exactly these many elements; callers checked the files, this keeps it so.
+  if (in.q.size() != static_cast<std::size_t>(tq * hq * d) || in.k.size() != static_cast<std::size_t>(tk * hkv * d) ||
+      in.v.size() != in.k.size())
+    throw std::logic_error("moba-ref: the inputs do not match the views built on them");
+  out.assign(elements({tq, hq, d}, "out.npy"), T{});
+  lse.assign(elements({tq, hq}, "lse.npy"), 0);
+  selected.assign(elements({tq, hq, width}, "selected.npy (--top-k " + std::to_string(width) + ")"), -1);
   moba::attention<Backend, T> attn(s.cfg);
-  attn.forward({.q = moba::packed(in.q.data(), in.total_q(), s.q_heads, s.head_dim),
-                .k = moba::packed(in.k.data(), in.total_k(), s.kv_heads, s.head_dim),
-                .v = moba::packed(in.v.data(), in.total_k(), s.kv_heads, s.head_dim),
-                .out = moba::packed(out.data(), in.total_q(), s.q_heads, s.head_dim),
-                .lse = moba::bsh(lse.data(), 1, in.total_q(), s.q_heads),
-                .selected = moba::selection(selected.data(), 1, in.total_q(), s.q_heads, width),
+  attn.forward({.q = moba::packed(in.q.data(), tq, hq, d),
+                .k = moba::packed(in.k.data(), tk, hkv, d),
+                .v = moba::packed(in.v.data(), tk, hkv, d),
+                .out = moba::packed(out.data(), tq, hq, d),
+                .lse = moba::bsh(lse.data(), 1, tq, hq),
+                .selected = moba::selection(selected.data(), 1, tq, hq, width),
                 .cu_seqlens_q = in.cu_q,
                 .cu_seqlens_k = in.cu_k});
 }
@@ -90,9 +318,9 @@ void run_named_backend(const settings& s, const inputs<T>& in, std::vector<T>& o
   throw usage_error("moba-ref was built without the " + s.backend + " backend; use --backend reference");
 }
 
-/// Computes everything and writes it into `dir` (a fresh temporary folder).
+/// Computes everything and writes it into the staging folder.
 template <class T>
-void compute_and_write(const settings& s, const inputs<T>& in, const fs::path& dir, json meta, bool write_inputs) {
+void compute_and_write(const settings& s, const inputs<T>& in, staging& stage, json meta, bool write_inputs) {
   std::int64_t max_k = 0;
   for (std::size_t b = 0; b + 1 < in.cu_k.size(); ++b) max_k = std::max<std::int64_t>(max_k, in.cu_k[b + 1] - in.cu_k[b]);
   const std::int64_t width =
@@ -112,19 +340,23 @@ void compute_and_write(const settings& s, const inputs<T>& in, const fs::path& d
   run_named_backend<double>(s, wide, out64, lse64, selected64, width);
 
   const std::int64_t tq = in.total_q(), tk = in.total_k(), hq = s.q_heads, hkv = s.kv_heads, d = s.head_dim;
+  auto put = [&stage]<class E>(const std::string& name, const std::string& descr, std::vector<std::int64_t> shape,
+                               const std::vector<E>& x) {
+    stage.write(name, [&](const std::string& path) { npy::write(path, descr, shape, x.data(), x.size() * sizeof(E)); });
+  };
+  const auto cu_len = [](const std::vector<std::int32_t>& cu) { return static_cast<std::int64_t>(cu.size()); };
   if (write_inputs) {
-    npy::write((dir / "q.npy").string(), npy_descr<T>(), {tq, hq, d}, in.q.data());
-    npy::write((dir / "k.npy").string(), npy_descr<T>(), {tk, hkv, d}, in.k.data());
-    npy::write((dir / "v.npy").string(), npy_descr<T>(), {tk, hkv, d}, in.v.data());
-    npy::write((dir / "cu_seqlens.npy").string(), "<i4", {static_cast<std::int64_t>(in.cu_q.size())}, in.cu_q.data());
-    if (in.cu_k != in.cu_q)
-      npy::write((dir / "cu_seqlens_k.npy").string(), "<i4", {static_cast<std::int64_t>(in.cu_k.size())}, in.cu_k.data());
+    put("q.npy", npy_descr<T>(), {tq, hq, d}, in.q);
+    put("k.npy", npy_descr<T>(), {tk, hkv, d}, in.k);
+    put("v.npy", npy_descr<T>(), {tk, hkv, d}, in.v);
+    put("cu_seqlens.npy", "<i4", {cu_len(in.cu_q)}, in.cu_q);
+    if (in.cu_k != in.cu_q) put("cu_seqlens_k.npy", "<i4", {cu_len(in.cu_k)}, in.cu_k);
   }
-  npy::write((dir / "out.npy").string(), npy_descr<T>(), {tq, hq, d}, out.data());
-  npy::write((dir / "out_f64.npy").string(), "<f8", {tq, hq, d}, out64.data());
-  npy::write((dir / "lse.npy").string(), npy_descr<moba::accum_t<T>>(), {tq, hq}, lse.data());
-  npy::write((dir / "lse_f64.npy").string(), "<f8", {tq, hq}, lse64.data());
-  npy::write((dir / "selected.npy").string(), "<i4", {tq, hq, width}, selected.data());
+  put("out.npy", npy_descr<T>(), {tq, hq, d}, out);
+  put("out_f64.npy", "<f8", {tq, hq, d}, out64);
+  put("lse.npy", npy_descr<moba::accum_t<T>>(), {tq, hq}, lse);
+  put("lse_f64.npy", "<f8", {tq, hq}, lse64);
+  put("selected.npy", "<i4", {tq, hq, width}, selected);
 
   meta["dtype"] = s.dtype;
   meta["backend"] = s.backend;
@@ -140,47 +372,43 @@ void compute_and_write(const settings& s, const inputs<T>& in, const fs::path& d
   meta["selected_width"] = width;
   meta["moba_version"] = moba::version_string;
   meta["bf16_storage"] = "bfloat16 arrays are stored as <u2 bit patterns";
-  std::ofstream((dir / "meta.json").string()) << meta.dump(2) << '\n';
-}
-
-/// Creates a temporary folder beside `out`, lets `fill` write into it, and renames it to `out` only
-/// when everything succeeded; on any error the temporary folder is removed.
-template <class Fill>
-void write_atomically(const fs::path& out, Fill&& fill) {
-  if (fs::exists(out)) throw usage_error("--out " + out.string() + " already exists; choose a new folder");
-  const fs::path tmp = out.string() + ".tmp-" + std::to_string(::getpid());
-  fs::create_directories(tmp);
-  try {
-    fill(tmp);
-    fs::rename(tmp, out);
-  } catch (...) {
-    fs::remove_all(tmp);
-    throw;
-  }
+  const std::string text = meta.dump(2) + '\n';
+  stage.write("meta.json", [&](const std::string& path) { npy::write_file(path, {text}); });
 }
 
 template <class T>
-std::vector<T> convert_input(const npy::array& a, const std::string& name, const std::string& dtype) {
+std::vector<T> convert_input(const npy::array& a) {
   std::vector<T> x(static_cast<std::size_t>(a.count()));
   if (a.descr == npy_descr<T>()) {
-    std::memcpy(x.data(), a.data.data(), a.data.size());
-  } else if (a.descr == "<f8") {
-    const double* src = reinterpret_cast<const double*>(a.data.data());
+    if (!x.empty()) std::memcpy(x.data(), a.data.data(), a.data.size());  // empty vectors may hold null
+  } else {  // <f8, checked by check_float_input
     for (std::size_t i = 0; i < x.size(); ++i) {
       double v;
-      std::memcpy(&v, src + i, sizeof v);
+      std::memcpy(&v, a.data.data() + 8 * i, sizeof v);
       x[i] = moba::from_double<T>(v);
     }
-  } else {
-    throw usage_error(name + " has dtype " + a.descr + " but --dtype " + dtype + " needs " + npy_descr<T>() +
-                      " (or <f8, converted)");
   }
   return x;
 }
 
-std::vector<std::int32_t> read_cu_seqlens(const std::string& path) {
+/// q, k or v: [tokens, heads >= 1, dim >= 1] of the compute dtype or <f8.
+void check_float_input(const npy::array& a, const std::string& option, const std::string& path, const std::string& dtype) {
+  const std::string file = option + " " + path;
+  if (a.shape.size() != 3)
+    throw usage_error(file + " has shape " + npy::dims(a.shape) + "; it must be [tokens, heads, dim]");
+  if (a.shape[1] < 1 || a.shape[2] < 1)
+    throw usage_error(file + " has shape " + npy::dims(a.shape) + "; heads and dim must be >= 1");
+  if (a.descr != descr_of(dtype) && a.descr != "<f8")
+    throw usage_error(file + " has dtype " + a.descr + " but --dtype " + dtype + " needs " + descr_of(dtype) +
+                      " (or <f8, converted)");
+}
+
+std::vector<std::int32_t> read_cu_seqlens(const std::string& option, const std::string& path) {
   const npy::array a = npy::read(path);
-  if (a.shape.size() != 1) throw usage_error(path + " must be 1-D; it has " + std::to_string(a.shape.size()) + " dims");
+  const std::string file = option + " " + path;
+  if (a.shape.size() != 1 || a.shape[0] < 1)
+    throw usage_error(file + " has shape " + npy::dims(a.shape) + "; it must be [batch + 1], batch >= 0");
+  if (a.descr != "<i4" && a.descr != "<i8") throw usage_error(file + " has dtype " + a.descr + "; cu_seqlens must be <i4 or <i8");
   std::vector<std::int32_t> cu(a.count());
   for (std::size_t i = 0; i < cu.size(); ++i) {
     std::int64_t v;
@@ -188,13 +416,10 @@ std::vector<std::int32_t> read_cu_seqlens(const std::string& path) {
       std::int32_t w;
       std::memcpy(&w, a.data.data() + 4 * i, 4);
       v = w;
-    } else if (a.descr == "<i8") {
-      std::memcpy(&v, a.data.data() + 8 * i, 8);
     } else {
-      throw usage_error(path + " has dtype " + a.descr + "; cu_seqlens must be <i4 or <i8");
+      std::memcpy(&v, a.data.data() + 8 * i, 8);
     }
-    if (v < 0 || v > std::numeric_limits<std::int32_t>::max())
-      throw usage_error(path + "[" + std::to_string(i) + "] = " + std::to_string(v) + " is out of range");
+    if (v < 0 || v > max_tokens) throw usage_error(file + ": [" + std::to_string(i) + "] = " + std::to_string(v) + " is out of range");
     cu[i] = static_cast<std::int32_t>(v);
   }
   return cu;
@@ -226,70 +451,73 @@ void apply_mode(settings& s) {
 
 void generate(settings s, const std::vector<std::int64_t>& seqlens, std::uint64_t seed, const fs::path& out) {
   apply_mode(s);
-  if (s.head_dim < 1 || s.q_heads < 1 || s.kv_heads < 1)
-    throw usage_error("--q-heads, --kv-heads and --head-dim must be >= 1");
   std::vector<std::int32_t> cu{0};
-  for (auto len : seqlens) {
-    if (len < 0) throw usage_error("--seqlens has a negative length " + std::to_string(len));
-    if (cu.back() + len > std::numeric_limits<std::int32_t>::max())
-      throw usage_error("--seqlens add up to more than 2^31 - 1 tokens");
-    cu.push_back(static_cast<std::int32_t>(cu.back() + len));
-  }
-  const double elements = static_cast<double>(cu.back()) * static_cast<double>(s.q_heads + 2 * s.kv_heads) *
-                          static_cast<double>(s.head_dim);
-  if (elements > 1e11) throw usage_error("the inputs would hold " + std::to_string(elements) + " elements; too large");
-  write_atomically(out, [&](const fs::path& dir) {
-    with_dtype(s.dtype, [&]<class T>() {
-      std::mt19937_64 rng(seed);
-      std::normal_distribution<double> normal;
-      inputs<T> in;
-      in.cu_q = in.cu_k = cu;
-      // Drawn in double in the order q, k, v, then rounded once to T.
-      for (auto [x, heads] : {std::pair{&in.q, s.q_heads}, {&in.k, s.kv_heads}, {&in.v, s.kv_heads}}) {
-        x->resize(cu.back() * heads * s.head_dim);
-        for (auto& e : *x) e = moba::from_double<T>(normal(rng));
-      }
-      json meta{{"command", "generate"}, {"seed", seed}, {"seqlens", seqlens}};
-      compute_and_write<T>(s, in, dir, meta, true);
-    });
+  for (auto len : seqlens) cu.push_back(static_cast<std::int32_t>(cu.back() + len));  // parse_seqlens bounded the sum
+  for (auto [heads, what] : {std::pair{s.q_heads, "q.npy"}, {s.kv_heads, "k.npy"}})
+    elements({cu.back(), heads, s.head_dim}, what);
+  staging stage(out);
+  with_dtype(s.dtype, [&]<class T>() {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> normal;
+    inputs<T> in;
+    in.cu_q = in.cu_k = cu;
+    // Drawn in double in the order q, k, v, then rounded once to T.
+    for (auto [x, heads] : {std::pair{&in.q, s.q_heads}, {&in.k, s.kv_heads}, {&in.v, s.kv_heads}}) {
+      x->resize(cu.back() * heads * s.head_dim);
+      for (auto& e : *x) e = moba::from_double<T>(normal(rng));
+    }
+    json meta{{"command", "generate"}, {"seed", seed}, {"seqlens", seqlens}};
+    compute_and_write<T>(s, in, stage, meta, true);
   });
+  stage.commit();
 }
 
 void run(settings s, const std::string& q_path, const std::string& k_path, const std::string& v_path,
          const std::string& cu_path, const std::string& cu_k_path, const fs::path& out) {
   apply_mode(s);
+  // Everything is read and checked before the output folder is made.
   const npy::array q = npy::read(q_path), k = npy::read(k_path), v = npy::read(v_path);
-  for (auto [a, name] : {std::pair{&q, &q_path}, {&k, &k_path}, {&v, &v_path}}) {
-    if (a->shape.size() != 3) throw usage_error(*name + " must be [tokens, heads, dim]; it has " +
-                                                std::to_string(a->shape.size()) + " dims");
-  }
-  if (k.shape != v.shape) throw usage_error(k_path + " and " + v_path + " have different shapes");
+  if (s.dtype.empty() && (s.dtype = dtype_of(q.descr)).empty())
+    throw usage_error("--q " + q_path + " has dtype " + q.descr + "; expected floats (<f8, <f4, <f2, or <u2 for bf16)");
+  check_float_input(q, "--q", q_path, s.dtype);
+  check_float_input(k, "--k", k_path, s.dtype);
+  check_float_input(v, "--v", v_path, s.dtype);
+  if (k.shape[2] != q.shape[2])
+    throw usage_error("--k " + k_path + " has shape " + npy::dims(k.shape) + " but --q " + q_path + " has " +
+                      npy::dims(q.shape) + "; their head dims (" + std::to_string(k.shape[2]) + ", " +
+                      std::to_string(q.shape[2]) + ") differ");
+  if (v.shape != k.shape)
+    throw usage_error("--v " + v_path + " has shape " + npy::dims(v.shape) + " but --k " + k_path + " has " +
+                      npy::dims(k.shape) + "; they must match");
+  const std::vector<std::int32_t> cu_q = read_cu_seqlens("--cu-seqlens", cu_path);
+  const std::vector<std::int32_t> cu_k = cu_k_path.empty() ? cu_q : read_cu_seqlens("--cu-seqlens-k", cu_k_path);
+  if (cu_k.size() != cu_q.size())
+    throw usage_error("--cu-seqlens " + cu_path + " has " + std::to_string(cu_q.size()) + " entries but --cu-seqlens-k " +
+                      cu_k_path + " has " + std::to_string(cu_k.size()));
+  const auto check_tokens = [](const std::vector<std::int32_t>& offsets, const std::string& offsets_file,
+                                const npy::array& a, const std::string& file) {
+    if (offsets.back() != a.shape[0])
+      throw usage_error(offsets_file + " ends at " + std::to_string(offsets.back()) + " but " + file + " has shape " +
+                        npy::dims(a.shape) + " (" + std::to_string(a.shape[0]) + " tokens)");
+  };
+  check_tokens(cu_q, "--cu-seqlens " + cu_path, q, "--q " + q_path);
+  check_tokens(cu_k, cu_k_path.empty() ? "--cu-seqlens " + cu_path : "--cu-seqlens-k " + cu_k_path, k, "--k " + k_path);
   s.q_heads = q.shape[1];
   s.kv_heads = k.shape[1];
   s.head_dim = q.shape[2];
-  if (s.dtype.empty()) {
-    s.dtype = q.descr == "<f8" ? "f64" : q.descr == "<f4" ? "f32" : q.descr == "<f2" ? "f16" : "bf16";
-  }
-  write_atomically(out, [&](const fs::path& dir) {
-    with_dtype(s.dtype, [&]<class T>() {
-      inputs<T> in{convert_input<T>(q, q_path, s.dtype), convert_input<T>(k, k_path, s.dtype),
-                   convert_input<T>(v, v_path, s.dtype), read_cu_seqlens(cu_path),
-                   read_cu_seqlens(cu_k_path.empty() ? cu_path : cu_k_path)};
-      // Shapes beyond the token counts are the library's to check (it names the argument).
-      if (in.cu_q.empty() || in.cu_k.empty()) throw usage_error("cu_seqlens must have at least one entry");
-      if (in.cu_q.back() != q.shape[0] || in.cu_k.back() != k.shape[0]) {
-        throw usage_error("cu_seqlens end at " + std::to_string(in.cu_q.back()) + " (q) and " +
-                          std::to_string(in.cu_k.back()) + " (k) but the tensors hold " + std::to_string(q.shape[0]) +
-                          " and " + std::to_string(k.shape[0]) + " tokens");
-      }
-      json meta{{"command", "run"}, {"inputs", {q_path, k_path, v_path, cu_path, cu_k_path}}};
-      compute_and_write<T>(s, in, dir, meta, false);
-    });
+  staging stage(out);
+  with_dtype(s.dtype, [&]<class T>() {
+    inputs<T> in{convert_input<T>(q), convert_input<T>(k), convert_input<T>(v), cu_q, cu_k};
+    json meta{{"command", "run"}, {"inputs", {q_path, k_path, v_path, cu_path, cu_k_path}}};
+    compute_and_write<T>(s, in, stage, meta, false);
   });
+  stage.commit();
 }
 
 std::vector<double> as_doubles(const npy::array& a, const std::string& name) {
   std::vector<double> x(static_cast<std::size_t>(a.count()));
+  if (dtype_of(a.descr).empty())
+    throw usage_error(name + " has dtype " + a.descr + "; expected floats (<f8, <f4, <f2, or <u2 for bf16)");
   for (std::size_t i = 0; i < x.size(); ++i) {
     const char* p = a.data.data() + i * npy::item_size(a.descr);
     if (a.descr == "<f8") {
@@ -298,39 +526,70 @@ std::vector<double> as_doubles(const npy::array& a, const std::string& name) {
       float f;
       std::memcpy(&f, p, 4);
       x[i] = f;
-    } else if (a.descr == "<f2" || a.descr == "<u2") {
+    } else {
       std::uint16_t bits;
       std::memcpy(&bits, p, 2);
       x[i] = a.descr == "<f2" ? static_cast<double>(moba::float16::from_bits(bits))
                               : static_cast<double>(moba::bfloat16::from_bits(bits));
-    } else {
-      throw usage_error(name + " has dtype " + a.descr + "; expected a float array (<f8, <f4, <f2, or <u2 for bf16)");
     }
   }
   return x;
 }
 
+/// What check needs from DIR/meta.json, every field checked for type and range.
+struct expected_meta {
+  std::string dtype;
+  std::int64_t tokens = 0, q_heads = 0, head_dim = 0;
+};
+
+expected_meta read_meta(const fs::path& path) {
+  std::ifstream file(path);
+  if (!file) throw usage_error("cannot read " + path.string());
+  try {
+    const json meta = json::parse(file);
+    const auto integer = [&](const json& v, const std::string& key, std::int64_t lo) {
+      if (!v.is_number_integer() || v.get<std::int64_t>() < lo || v.get<std::int64_t>() > max_tokens)
+        throw usage_error(path.string() + ": " + key + " = " + v.dump() + " is not an integer from " + std::to_string(lo) +
+                          " to " + std::to_string(max_tokens));
+      return v.get<std::int64_t>();
+    };
+    expected_meta m;
+    const json& dtype = meta.at("dtype");
+    if (!dtype.is_string() || dtype_of(descr_of(dtype.get<std::string>())) != dtype.get<std::string>())
+      throw usage_error(path.string() + ": dtype = " + dtype.dump() + " is not \"f64\", \"f32\", \"f16\" or \"bf16\"");
+    m.dtype = dtype.get<std::string>();
+    m.q_heads = integer(meta.at("q_heads"), "q_heads", 1);
+    m.head_dim = integer(meta.at("head_dim"), "head_dim", 1);
+    const json& cu = meta.at("cu_seqlens_q");
+    if (!cu.is_array() || cu.empty()) throw usage_error(path.string() + ": cu_seqlens_q is not a non-empty list");
+    m.tokens = integer(cu.back(), "cu_seqlens_q[-1]", 0);
+    return m;
+  } catch (const json::exception& e) {
+    throw usage_error(path.string() + ": " + e.what());
+  }
+}
+
 int check(const fs::path& expected_dir, const std::string& actual_path, const std::string& what,
           std::optional<double> tol) {
-  std::ifstream meta_file(expected_dir / "meta.json");
-  if (!meta_file) throw usage_error("cannot read " + (expected_dir / "meta.json").string());
-  json meta;
-  try {
-    meta = json::parse(meta_file);
-  } catch (const json::exception& e) {
-    throw usage_error((expected_dir / "meta.json").string() + ": " + e.what());
-  }
-  const npy::array expected_npy = npy::read((expected_dir / (what + "_f64.npy")).string());
+  const expected_meta meta = read_meta(expected_dir / "meta.json");
+  const std::string expected_path = (expected_dir / (what + "_f64.npy")).string();
+  const npy::array expected_npy = npy::read(expected_path);
+  std::vector<std::int64_t> want{meta.tokens, meta.q_heads, meta.head_dim};
+  if (what == "lse") want.pop_back();
+  if (expected_npy.shape != want || expected_npy.descr != "<f8")
+    throw usage_error(expected_path + " has shape " + npy::dims(expected_npy.shape) + " and dtype " + expected_npy.descr +
+                      " but its meta.json says " + npy::dims(want) + " and <f8");
   const npy::array actual_npy = npy::read(actual_path);
   if (actual_npy.shape != expected_npy.shape) {
-    auto dims = [](const std::vector<std::int64_t>& s) { return json(s).dump(); };
-    throw usage_error(actual_path + " has shape " + dims(actual_npy.shape) + " but the expected " + what +
-                      " has " + dims(expected_npy.shape));
+    throw usage_error(actual_path + " has shape " + npy::dims(actual_npy.shape) + " but the expected " + what +
+                      " has " + npy::dims(expected_npy.shape));
   }
-  const std::vector<double> e = as_doubles(expected_npy, "expected"), a = as_doubles(actual_npy, actual_path);
+  const std::vector<double> e = as_doubles(expected_npy, expected_path), a = as_doubles(actual_npy, actual_path);
   double num = 0, den = 0, worst = -1;
   std::size_t at = 0;
   for (std::size_t i = 0; i < e.size(); ++i) {
+    // A corrupt reference must not be blamed on the kernel under test.
+    if (!std::isfinite(e[i])) throw usage_error(expected_path + " holds " + std::to_string(e[i]) + " at element " + std::to_string(i));
     const double diff = std::abs(a[i] - e[i]);
     num += (a[i] - e[i]) * (a[i] - e[i]);
     den += e[i] * e[i];
@@ -341,52 +600,59 @@ int check(const fs::path& expected_dir, const std::string& actual_path, const st
     }
   }
   const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  const double bound = tol ? *tol : spec_bound(meta.value("dtype", "f32"));
-  const auto& shape = expected_npy.shape;
-  const std::int64_t heads = shape.size() > 1 ? shape[1] : 1, dim = shape.size() > 2 ? shape[2] : 1;
+  const double bound = tol ? *tol : spec_bound(meta.dtype);
   std::printf("%s: relative error %.3e (tolerance %.1e, %s)\n", what.c_str(), rel, bound,
-              tol ? "--tol" : ("SPEC bound for " + meta.value("dtype", std::string("f32"))).c_str());
-  std::printf("largest absolute error %.3e at token %lld, head %lld", worst, static_cast<long long>(at / (heads * dim)),
-              static_cast<long long>(at / dim % heads));
-  if (shape.size() > 2) std::printf(", dim %lld", static_cast<long long>(at % dim));
-  std::printf(" (actual %.9g, expected %.9g)\n", e.empty() ? 0.0 : a[at], e.empty() ? 0.0 : e[at]);
+              tol ? "--tol" : ("SPEC bound for " + meta.dtype).c_str());
+  if (e.empty()) {
+    std::printf("no elements to compare\n");
+  } else {  // e is not empty, so heads and dim are >= 1 (read_meta checked them)
+    const std::int64_t heads = meta.q_heads, dim = what == "out" ? meta.head_dim : 1, i = static_cast<std::int64_t>(at);
+    std::printf("largest absolute error %.3e at token %lld, head %lld", worst, static_cast<long long>(i / (heads * dim)),
+                static_cast<long long>(i / dim % heads));
+    if (what == "out") std::printf(", dim %lld", static_cast<long long>(i % dim));
+    std::printf(" (actual %.9g, expected %.9g)\n", a[at], e[at]);
+  }
   const bool pass = rel <= bound;
   std::printf("%s\n", pass ? "PASS" : "FAIL");
   return pass ? 0 : 1;
 }
 
-}  // namespace
+/// One line on stderr, whatever the message holds.
+int fail(std::string message) {
+  std::replace(message.begin(), message.end(), '\n', ' ');
+  while (!message.empty() && message.back() == ' ') message.pop_back();
+  std::fprintf(stderr, "moba-ref: %s\n", message.c_str());
+  return 2;
+}
 
-int main(int argc, char** argv) {
+int run_main(int argc, char** argv) {
   CLI::App app{"moba-ref: reference MoBA results as .npy files, for validating other kernels (moba " +
                std::string(moba::version_string) + ")"};
   app.require_subcommand(1);
   settings s;
-  std::vector<std::int64_t> seqlens;
-  std::uint64_t seed = 0;
+  // Numbers arrive as text and are parsed strictly below.
+  std::string seqlens, q_heads, kv_heads, head_dim, seed = "0", block_size, top_k, scale, tol;
   std::string out, q, k, v, cu, cu_k, expected, actual, what = "out";
-  std::optional<double> tol;
 
   auto add_common = [&](CLI::App* c) {
-    c->add_option("--block-size", s.cfg.block_size, "keys per block, B >= 1")->required();
-    c->add_option("--top-k", s.cfg.top_k, "blocks per query, the current one included, K >= 1")->required();
+    c->add_option("--block-size", block_size, "keys per block, B >= 1")->required();
+    c->add_option("--top-k", top_k, "blocks per query, the current one included, K >= 1")->required();
     c->add_option("--backend", s.backend, "reference or cpu (cuda needs a CUDA build)")
         ->check(CLI::IsMember({"reference", "cpu", "cuda"}));
     c->add_option("--mode", s.mode, "sparse (MoBA gating) or full (dense causal)")->check(CLI::IsMember({"sparse", "full"}));
-    c->add_option("--scale", s.scale, "softmax scale (default 1/sqrt(head_dim))");
+    auto* o = c->add_option("--scale", scale, "softmax scale (default 1/sqrt(head_dim))");
     c->add_option("--out", out, "output folder; must not exist yet")->required();
+    return o;
   };
   auto* gen = app.add_subcommand("generate", "draw seeded standard-normal q, k, v and write them with the forward pass");
-  gen->add_option("--seqlens", seqlens, "sequence lengths, comma-separated (prefill: q_len = k_len)")
-      ->required()
-      ->delimiter(',');
-  gen->add_option("--q-heads", s.q_heads, "query heads")->required();
-  gen->add_option("--kv-heads", s.kv_heads, "key/value heads (divides --q-heads)")->required();
-  gen->add_option("--head-dim", s.head_dim, "head dimension")->required();
+  gen->add_option("--seqlens", seqlens, "sequence lengths, comma-separated (prefill: q_len = k_len)")->required();
+  gen->add_option("--q-heads", q_heads, "query heads")->required();
+  gen->add_option("--kv-heads", kv_heads, "key/value heads (divides --q-heads)")->required();
+  gen->add_option("--head-dim", head_dim, "head dimension")->required();
   gen->add_option("--dtype", s.dtype, "f64, f32, f16 or bf16 (bf16 stored as <u2 bits)")
       ->check(CLI::IsMember({"f64", "f32", "f16", "bf16"}));
-  gen->add_option("--seed", seed, "random seed");
-  add_common(gen);
+  gen->add_option("--seed", seed, "random seed, 0 to 2^64 - 1");
+  CLI::Option* gen_scale = add_common(gen);
 
   auto* runc = app.add_subcommand("run", "compute the forward pass on your own .npy inputs");
   runc->add_option("--q", q, "q.npy [total_q, Hq, D]")->required();
@@ -397,34 +663,60 @@ int main(int argc, char** argv) {
   std::string run_dtype;
   runc->add_option("--dtype", run_dtype, "compute dtype (default: q's); <f8 inputs are converted to it")
       ->check(CLI::IsMember({"f64", "f32", "f16", "bf16"}));
-  add_common(runc);
+  CLI::Option* run_scale = add_common(runc);
 
   auto* chk = app.add_subcommand("check", "compare an output with the float64 result of a generate/run folder");
   chk->add_option("--expected", expected, "a folder written by generate or run")->required();
   chk->add_option("--actual", actual, "your output .npy (out: [total, Hq, D], lse: [total, Hq])")->required();
   chk->add_option("--what", what, "out or lse")->check(CLI::IsMember({"out", "lse"}));
-  chk->add_option("--tol", tol, "relative-error tolerance (default: SPEC's bound for the dtype)");
+  CLI::Option* tol_opt = chk->add_option("--tol", tol, "relative-error tolerance, >= 0 (default: SPEC's bound for the dtype)");
 
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);
-    std::fprintf(stderr, "moba-ref: %s\nRun with --help for usage.\n", e.what());
-    return 2;
+    return fail(std::string(e.what()) + " (run with --help for usage)");
   }
   try {
-    if (gen->parsed()) generate(s, seqlens, seed, out);
+    constexpr auto int64_max = std::numeric_limits<std::int64_t>::max();
+    if (gen->parsed() || runc->parsed()) {
+      s.cfg.block_size = parse_integer<std::int64_t>("--block-size", block_size, 1, int64_max);
+      s.cfg.top_k = parse_integer<std::int64_t>("--top-k", top_k, 1, int64_max);
+      if ((gen->parsed() ? gen_scale : run_scale)->count()) s.scale = parse_real("--scale", scale, false);
+    }
+    if (gen->parsed()) {
+      s.q_heads = parse_integer<std::int64_t>("--q-heads", q_heads, 1, max_tokens);
+      s.kv_heads = parse_integer<std::int64_t>("--kv-heads", kv_heads, 1, max_tokens);
+      s.head_dim = parse_integer<std::int64_t>("--head-dim", head_dim, 1, max_tokens);
+      const auto lens = parse_seqlens(seqlens);
+      const auto seed_value = parse_integer<std::uint64_t>("--seed", seed, 0, std::numeric_limits<std::uint64_t>::max());
+      generate(s, lens, seed_value, parse_out(out));
+    }
     if (runc->parsed()) {
       s.dtype = run_dtype;
-      run(s, q, k, v, cu, cu_k, out);
+      const fs::path out_path = parse_out(out);
+      run(s, q, k, v, cu, cu_k, out_path);
     }
-    if (chk->parsed()) return check(expected, actual, what, tol);
-    if (!out.empty()) std::printf("wrote %s\n", out.c_str());
+    if (chk->parsed()) {
+      std::optional<double> tolerance;
+      if (tol_opt->count()) tolerance = parse_real("--tol", tol, true);
+      return check(expected, actual, what, tolerance);
+    }
+    std::printf("wrote %s\n", out.c_str());
     return 0;
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "moba-ref: out of memory for these sizes\n");
+    return fail("out of memory for these sizes");
   } catch (const std::exception& e) {  // usage_error, npy::error, moba::invalid_argument, filesystem errors
-    std::fprintf(stderr, "moba-ref: %s\n", e.what());
+    return fail(e.what());
   }
-  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  install_signal_watcher();
+  const int code = run_main(argc, argv);
+  // The report of check (and generate's "wrote") must reach its reader too.
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) return fail(std::string("cannot write to standard output: ") + std::strerror(errno));
+  return code;
 }

@@ -1,19 +1,23 @@
 // SPDX-License-Identifier: MIT
 /// @file A small reader and writer of NumPy's .npy format (versions 1–3, little endian, C order).
+/// Nothing read is trusted: the header must be exactly one dictionary with each key once, and the data
+/// exactly as long as its shape and dtype say. Every write is checked through fsync and close.
 #pragma once
 
+#include <cerrno>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <iterator>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <unistd.h>
 #include <vector>
 
 namespace moba_ref::npy {
 
-/// A malformed or unsupported file; the message says what and where.
+/// A malformed or unsupported file, or a failed read or write; the message says what and where.
 struct error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -26,11 +30,19 @@ inline std::size_t item_size(std::string_view descr) {
   throw error("unsupported dtype '" + std::string(descr) + "' (expected <f8, <f4, <f2, <u2, <i4 or <i8)");
 }
 
+/// "[400, 4, 16]", for messages.
+inline std::string dims(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
 struct array {
   std::string descr;
   std::vector<std::int64_t> shape;
   std::vector<char> data;  // count() * item_size(descr) bytes
 
+  /// Never overflows: parse() refuses shapes whose product does not fit int64.
   std::int64_t count() const {
     std::int64_t n = 1;
     for (auto s : shape) n *= s;
@@ -92,10 +104,9 @@ struct header_parser {
   }
 };
 
-}  // namespace detail
-
-/// Parses a whole .npy file held in memory. Throws npy::error on anything malformed or unsupported.
-inline array parse(const char* bytes, std::size_t size) {
+/// Parses the preamble and header of a file held in memory; returns the array without its data and the
+/// data's offset, after checking that exactly count() * item_size bytes follow.
+inline array parse_header(const char* bytes, std::size_t size, std::size_t& data_offset) {
   constexpr std::string_view magic("\x93NUMPY", 6);
   if (size < 10 || std::string_view(bytes, 6) != magic) throw error("not a .npy file (bad magic)");
   const int major = static_cast<unsigned char>(bytes[6]);
@@ -112,21 +123,25 @@ inline array parse(const char* bytes, std::size_t size) {
     throw error("unsupported .npy version " + std::to_string(major));
   }
   if (header_len > size - offset) throw error("truncated .npy header");
-  detail::header_parser p{std::string_view(bytes + offset, header_len)};
+  header_parser p{std::string_view(bytes + offset, header_len)};
 
   array a;
   bool have_descr = false, have_order = false, have_shape = false, fortran = false;
   p.expect('{');
   while (!p.accept('}')) {
+    const std::size_t key_at = p.at;
     const std::string key = p.quoted();
     p.expect(':');
+    bool* seen = key == "descr" ? &have_descr : key == "fortran_order" ? &have_order : key == "shape" ? &have_shape : nullptr;
+    if (!seen) p.at = key_at, p.fail("unknown key '" + key + "'");
+    // A second value would silently replace the first; NumPy never writes one.
+    if (*seen) p.at = key_at, p.fail("duplicate key '" + key + "'");
+    *seen = true;
     if (key == "descr") {
       a.descr = p.quoted();
-      have_descr = true;
     } else if (key == "fortran_order") {
       fortran = p.boolean();
-      have_order = true;
-    } else if (key == "shape") {
+    } else {
       p.expect('(');
       while (!p.accept(')')) {
         a.shape.push_back(p.integer());
@@ -135,66 +150,114 @@ inline array parse(const char* bytes, std::size_t size) {
           break;
         }
       }
-      have_shape = true;
-    } else {
-      p.fail("unknown key '" + key + "'");
     }
     if (!p.accept(',')) {
       p.expect('}');
       break;
     }
   }
-  if (!have_descr || !have_order || !have_shape) throw error(".npy header lacks descr, fortran_order or shape");
+  p.skip_space();  // NumPy pads with spaces and a final newline; anything else is not a header it wrote
+  if (p.at != p.s.size()) p.fail("unexpected characters after the dictionary");
+  if (!have_descr || !have_order || !have_shape) {
+    throw error(std::string(".npy header lacks ") + (!have_descr ? "descr" : !have_order ? "fortran_order" : "shape"));
+  }
   if (fortran) throw error("Fortran-order arrays are not supported; save with np.ascontiguousarray");
   const std::size_t item = item_size(a.descr);
-  // The product of the non-zero dims must fit int64, so that count() never overflows.
+  // The product of the non-zero dims must fit int64, so that count() never overflows in any order.
   std::uint64_t count = 1;
   bool empty = false;
   for (auto dim : a.shape) {
     if (dim == 0) empty = true;
-    else if (count > static_cast<std::uint64_t>(INT64_MAX) / static_cast<std::uint64_t>(dim)) throw error("shape overflows");
+    else if (count > static_cast<std::uint64_t>(INT64_MAX) / static_cast<std::uint64_t>(dim))
+      throw error("shape " + dims(a.shape) + " overflows 64 bits");
     else count *= static_cast<std::uint64_t>(dim);
   }
   if (empty) count = 0;
   const std::size_t payload = size - offset - header_len;
   if (count > payload / item || count * item != payload) {
-    throw error("data holds " + std::to_string(payload) + " bytes but the shape needs " +
+    throw error("data holds " + std::to_string(payload) + " bytes but the shape " + dims(a.shape) + " needs " +
                 std::to_string(count) + " elements of " + std::to_string(item) + " bytes");
   }
-  a.data.assign(bytes + offset + header_len, bytes + size);
+  data_offset = offset + header_len;
+  return a;
+}
+
+inline std::string errno_text(int err) { return err ? std::strerror(err) : "unknown error"; }
+
+}  // namespace detail
+
+/// Parses a whole .npy file held in memory. Throws npy::error on anything malformed or unsupported.
+inline array parse(const char* bytes, std::size_t size) {
+  std::size_t offset = 0;
+  array a = detail::parse_header(bytes, size, offset);
+  a.data.assign(bytes + offset, bytes + size);
   return a;
 }
 
 inline array read(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw error("cannot open '" + path + "'");
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw error("cannot open '" + path + "': " + detail::errno_text(errno));
+  std::vector<char> bytes;
+  std::size_t got = 0;
+  do {  // in chunks: the file may be a pipe, whose size is not known beforehand
+    bytes.resize(got + (1 << 20));
+    got += std::fread(bytes.data() + got, 1, bytes.size() - got, f);
+  } while (got == bytes.size());
+  const int err = std::ferror(f) ? errno : 0;
+  std::fclose(f);
+  if (err) throw error("cannot read '" + path + "': " + detail::errno_text(err));
+  bytes.resize(got);
   try {
-    return parse(bytes.data(), bytes.size());
+    std::size_t offset = 0;
+    array a = detail::parse_header(bytes.data(), bytes.size(), offset);
+    bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(offset));  // no second copy of the data
+    a.data = std::move(bytes);
+    return a;
   } catch (const error& e) {
     throw error(path + ": " + e.what());
   }
 }
 
-/// Writes a version 1.0 file whose header is padded to a multiple of 64 bytes, as NumPy does.
-inline void write(const std::string& path, const std::string& descr, const std::vector<std::int64_t>& shape,
-                  const void* data) {
-  std::string dims;
-  for (std::size_t i = 0; i < shape.size(); ++i) dims += (i ? ", " : "") + std::to_string(shape[i]);
-  if (shape.size() == 1) dims += ',';  // a Python 1-tuple
-  std::string dict = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': (" + dims + "), }";
+/// The preamble and header of a version 1.0 file, padded to a multiple of 64 bytes as NumPy does.
+inline std::string header(const std::string& descr, const std::vector<std::int64_t>& shape) {
+  item_size(descr);  // only the dtypes this file can read back
+  std::string tuple;
+  for (std::size_t i = 0; i < shape.size(); ++i) tuple += (i ? ", " : "") + std::to_string(shape[i]);
+  if (shape.size() == 1) tuple += ',';  // a Python 1-tuple
+  std::string dict = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': (" + tuple + "), }";
   const std::size_t unpadded = 10 + dict.size() + 1;
   dict.append((64 - unpadded % 64) % 64, ' ');
   dict += '\n';
-  std::ofstream out(path, std::ios::binary);
+  if (dict.size() > 0xffff) throw error("shape " + dims(shape) + " does not fit a version 1.0 header");
   const char preamble[10] = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0, static_cast<char>(dict.size() & 0xff),
                              static_cast<char>(dict.size() >> 8)};
-  out.write(preamble, 10);
-  out << dict;
-  std::int64_t count = 1;
-  for (auto dim : shape) count *= dim;
-  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(count * item_size(descr)));
-  if (!out) throw error("cannot write '" + path + "'");
+  return std::string(preamble, 10) + dict;
+}
+
+/// Creates `path` holding `parts` and checks every step (write, flush, fsync, close): a full disk
+/// often shows only at the flush or the close, and a result that is not on disk must not count as written.
+inline void write_file(const std::string& path, std::initializer_list<std::string_view> parts) {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f) throw error("cannot create '" + path + "': " + detail::errno_text(errno));
+  int err = 0;
+  for (auto part : parts) {
+    // An empty part may have a null data(), which fwrite must not be given.
+    if (!err && !part.empty() && std::fwrite(part.data(), 1, part.size(), f) != part.size()) err = errno ? errno : EIO;
+  }
+  if (!err && std::fflush(f) != 0) err = errno;
+  if (!err && ::fsync(::fileno(f)) != 0) err = errno;
+  if (std::fclose(f) != 0 && !err) err = errno;
+  if (err) throw error("cannot write '" + path + "': " + detail::errno_text(err));
+}
+
+/// Writes `bytes` bytes at `data` as an array of `shape`; they must be exactly what the shape needs.
+inline void write(const std::string& path, const std::string& descr, const std::vector<std::int64_t>& shape,
+                  const void* data, std::size_t bytes) {
+  std::uint64_t count = 1;
+  for (auto dim : shape) count *= static_cast<std::uint64_t>(dim);
+  if (count * item_size(descr) != bytes)
+    throw std::logic_error("npy::write: " + path + " has " + std::to_string(bytes) + " bytes for shape " + dims(shape));
+  write_file(path, {header(descr, shape), std::string_view(static_cast<const char*>(data), bytes)});
 }
 
 }  // namespace moba_ref::npy
