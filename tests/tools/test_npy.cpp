@@ -44,7 +44,8 @@ TEST_CASE("write then read returns the same descr, shape and bytes, with a 64-by
 }
 
 TEST_CASE("NumPy's header forms parse: 1-tuples, empty shapes, version 2, any key order") {
-  const std::string one = preamble("{'descr': '<i4', 'fortran_order': False, 'shape': (2,), }\n") + std::string(8, '\1');
+  const std::string one =
+      preamble("{'descr': '<i4', 'fortran_order': False, 'shape': (2,), }\n") + std::string(8, '\1');
   CHECK(parse(one).shape == std::vector<std::int64_t>{2});
   const std::string scalar = preamble("{'shape': (), 'fortran_order': False, 'descr': '<f8'}") + std::string(8, '\0');
   CHECK(parse(scalar).shape.empty());
@@ -64,10 +65,12 @@ TEST_CASE("malformed or unsupported files are rejected with a message") {
                        doctest::Contains("Fortran-order"), npy::error);
   CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'shape': (1,), }") + "abcd"),
                        doctest::Contains("lacks fortran_order"), npy::error);
-  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 16), }")),
-                       doctest::Contains("overflows 64 bits"), npy::error);
-  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (8589934592, 1073741824, 0), }")),
-                       doctest::Contains("overflows 64 bits"), npy::error);  // empty, but count() would overflow
+  CHECK_THROWS_WITH_AS(
+      parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 16), }")),
+      doctest::Contains("overflows 64 bits"), npy::error);
+  CHECK_THROWS_WITH_AS(
+      parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (8589934592, 1073741824, 0), }")),
+      doctest::Contains("overflows 64 bits"), npy::error);  // empty, but count() would overflow
   CHECK_THROWS_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False, 'shape': (1,")), npy::error);
   CHECK_THROWS_AS(npy::read("/nonexistent/x.npy"), npy::error);
 }
@@ -80,10 +83,10 @@ TEST_CASE("a header must be one dictionary naming descr, fortran_order and shape
     CAPTURE(dict);
     CHECK_THROWS_WITH_AS(parse(preamble(dict) + four), doctest::Contains("duplicate key"), npy::error);
   }
-  CHECK_THROWS_WITH_AS(parse(preamble("{'fortran_order': False, 'shape': (1,)}") + four), doctest::Contains("lacks descr"),
-                       npy::error);
-  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False}") + four), doctest::Contains("lacks shape"),
-                       npy::error);
+  CHECK_THROWS_WITH_AS(parse(preamble("{'fortran_order': False, 'shape': (1,)}") + four),
+                       doctest::Contains("lacks descr"), npy::error);
+  CHECK_THROWS_WITH_AS(parse(preamble("{'descr': '<f4', 'fortran_order': False}") + four),
+                       doctest::Contains("lacks shape"), npy::error);
   for (const std::string& tail : std::vector<std::string>{"x", "}", "{}", " , ", std::string("\n\0", 2)}) {
     CAPTURE(tail);
     const std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }" + tail;
@@ -107,7 +110,8 @@ TEST_CASE("data one byte shorter or longer than the shape needs is rejected; sha
 }
 
 TEST_CASE("header() parses back to the same descr and shape for every shape rank") {
-  for (const std::vector<std::int64_t>& shape : std::vector<std::vector<std::int64_t>>{{}, {0}, {3}, {2, 0, 5}, {2, 3, 4}}) {
+  for (const std::vector<std::int64_t>& shape :
+       std::vector<std::vector<std::int64_t>>{{}, {0}, {3}, {2, 0, 5}, {2, 3, 4}}) {
     const npy::array a = parse(npy::header("<f2", shape) + std::string(2 * npy::array{"<f2", shape, {}}.count(), '\7'));
     CHECK(a.descr == "<f2");
     CHECK(a.shape == shape);

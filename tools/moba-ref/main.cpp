@@ -102,7 +102,8 @@ std::vector<std::int64_t> parse_seqlens(const std::string& text) {
       throw usage_error("--seqlens = '" + text + "': item " + std::to_string(lens.size() + 1) + " ('" + item +
                         "') is not a length from 0 to " + std::to_string(max_tokens));
     }
-    if ((total += lens.back()) > max_tokens) throw usage_error("--seqlens = '" + text + "' add up to more than 2^31 - 1 tokens");
+    if ((total += lens.back()) > max_tokens)
+      throw usage_error("--seqlens = '" + text + "' add up to more than 2^31 - 1 tokens");
     start = comma + 1;
   } while (start <= text.size());
   return lens;
@@ -113,7 +114,8 @@ fs::path parse_out(const std::string& text) {
   if (text.empty()) throw usage_error("--out = '': expected a folder name");
   fs::path p = fs::path(text).lexically_normal();
   if (p.filename().empty()) p = p.parent_path();
-  if (p.empty() || p.filename() == "." || p.filename() == "..") throw usage_error("--out = '" + text + "' already exists; choose a new folder");
+  if (p.empty() || p.filename() == "." || p.filename() == "..")
+    throw usage_error("--out = '" + text + "' already exists; choose a new folder");
   return p;
 }
 
@@ -162,7 +164,8 @@ class staging {
       active_stage = this;
       for (auto p = missing.rbegin(); p != missing.rend(); ++p)
         if (fs::create_directory(*p)) made_.push_back(*p);
-      if (!fs::create_directory(tmp_)) throw usage_error(tmp_.string() + " appeared meanwhile; is another moba-ref writing " + out_.string() + "?");
+      if (!fs::create_directory(tmp_))
+        throw usage_error(tmp_.string() + " appeared meanwhile; is another moba-ref writing " + out_.string() + "?");
       have_tmp_ = true;
     } catch (...) {
       remove();
@@ -189,9 +192,10 @@ class staging {
     std::lock_guard lock(stage_mutex);
     if (rename_noreplace(tmp_, out_) != 0) {
       const int err = errno;
-      throw std::runtime_error(err == EEXIST || err == ENOTEMPTY
-                                   ? "--out " + out_.string() + " was created by someone else while moba-ref ran; the results were not kept"
-                                   : "cannot rename " + tmp_.string() + " to " + out_.string() + ": " + std::strerror(err));
+      throw std::runtime_error(
+          err == EEXIST || err == ENOTEMPTY
+              ? "--out " + out_.string() + " was created by someone else while moba-ref ran; the results were not kept"
+              : "cannot rename " + tmp_.string() + " to " + out_.string() + ": " + std::strerror(err));
     }
     committed_ = true;
     active_stage = nullptr;
@@ -256,14 +260,16 @@ void watch_signals() {
 }
 
 void install_signal_watcher() {
+  std::signal(SIGXFSZ, SIG_IGN);  // past a file-size limit, write() then fails with EFBIG and is reported
   sigemptyset(&watched_signals);
+  bool any = false;
   for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
     struct sigaction now {};
     // One ignored by whoever started us (nohup, a background job) stays ignored.
-    if (sigaction(sig, nullptr, &now) == 0 && now.sa_handler != SIG_IGN) sigaddset(&watched_signals, sig);
+    if (sigaction(sig, nullptr, &now) == 0 && now.sa_handler != SIG_IGN) any = true, sigaddset(&watched_signals, sig);
   }
+  if (!any) return;
   pthread_sigmask(SIG_BLOCK, &watched_signals, nullptr);  // before any other thread exists, so all inherit it
-  std::signal(SIGXFSZ, SIG_IGN);  // past a file-size limit, write() then fails with EFBIG and is reported
   std::thread(watch_signals).detach();
 }
 
@@ -309,8 +315,8 @@ void run_backend(const settings& s, const inputs<T>& in, std::vector<T>& out, st
 }
 
 template <class T>
-void run_named_backend(const settings& s, const inputs<T>& in, std::vector<T>& out,
-                       std::vector<moba::accum_t<T>>& lse, std::vector<std::int32_t>& selected, std::int64_t width) {
+void run_named_backend(const settings& s, const inputs<T>& in, std::vector<T>& out, std::vector<moba::accum_t<T>>& lse,
+                       std::vector<std::int32_t>& selected, std::int64_t width) {
   if (s.backend == "reference") return run_backend<moba::reference, T>(s, in, out, lse, selected, width);
 #if __has_include(<moba/backends/cpu/forward.hpp>)
   if (s.backend == "cpu") return run_backend<moba::cpu, T>(s, in, out, lse, selected, width);
@@ -322,10 +328,11 @@ void run_named_backend(const settings& s, const inputs<T>& in, std::vector<T>& o
 template <class T>
 void compute_and_write(const settings& s, const inputs<T>& in, staging& stage, json meta, bool write_inputs) {
   std::int64_t max_k = 0;
-  for (std::size_t b = 0; b + 1 < in.cu_k.size(); ++b) max_k = std::max<std::int64_t>(max_k, in.cu_k[b + 1] - in.cu_k[b]);
-  const std::int64_t width =
-      s.cfg.mode == moba::mode::full ? std::max<std::int64_t>(1, moba::core::block_count(max_k, s.cfg.block_size))
-                                     : s.cfg.top_k;
+  for (std::size_t b = 0; b + 1 < in.cu_k.size(); ++b)
+    max_k = std::max<std::int64_t>(max_k, in.cu_k[b + 1] - in.cu_k[b]);
+  const std::int64_t width = s.cfg.mode == moba::mode::full
+                                 ? std::max<std::int64_t>(1, moba::core::block_count(max_k, s.cfg.block_size))
+                                 : s.cfg.top_k;
   std::vector<T> out;
   std::vector<moba::accum_t<T>> lse;
   std::vector<std::int32_t> selected;
@@ -376,12 +383,21 @@ void compute_and_write(const settings& s, const inputs<T>& in, staging& stage, j
   stage.write("meta.json", [&](const std::string& path) { npy::write_file(path, {text}); });
 }
 
+/// npy::read, its message prefixed with the option that named the file.
+npy::array read_npy(const std::string& option, const std::string& path) {
+  try {
+    return npy::read(path);
+  } catch (const npy::error& e) {
+    throw usage_error(option + ": " + e.what());
+  }
+}
+
 template <class T>
 std::vector<T> convert_input(const npy::array& a) {
   std::vector<T> x(static_cast<std::size_t>(a.count()));
   if (a.descr == npy_descr<T>()) {
     if (!x.empty()) std::memcpy(x.data(), a.data.data(), a.data.size());  // empty vectors may hold null
-  } else {  // <f8, checked by check_float_input
+  } else {  // <f8 (check_float_input allows no other)
     for (std::size_t i = 0; i < x.size(); ++i) {
       double v;
       std::memcpy(&v, a.data.data() + 8 * i, sizeof v);
@@ -392,7 +408,8 @@ std::vector<T> convert_input(const npy::array& a) {
 }
 
 /// q, k or v: [tokens, heads >= 1, dim >= 1] of the compute dtype or <f8.
-void check_float_input(const npy::array& a, const std::string& option, const std::string& path, const std::string& dtype) {
+void check_float_input(const npy::array& a, const std::string& option, const std::string& path,
+                       const std::string& dtype) {
   const std::string file = option + " " + path;
   if (a.shape.size() != 3)
     throw usage_error(file + " has shape " + npy::dims(a.shape) + "; it must be [tokens, heads, dim]");
@@ -404,11 +421,12 @@ void check_float_input(const npy::array& a, const std::string& option, const std
 }
 
 std::vector<std::int32_t> read_cu_seqlens(const std::string& option, const std::string& path) {
-  const npy::array a = npy::read(path);
+  const npy::array a = read_npy(option, path);
   const std::string file = option + " " + path;
   if (a.shape.size() != 1 || a.shape[0] < 1)
     throw usage_error(file + " has shape " + npy::dims(a.shape) + "; it must be [batch + 1], batch >= 0");
-  if (a.descr != "<i4" && a.descr != "<i8") throw usage_error(file + " has dtype " + a.descr + "; cu_seqlens must be <i4 or <i8");
+  if (a.descr != "<i4" && a.descr != "<i8")
+    throw usage_error(file + " has dtype " + a.descr + "; cu_seqlens must be <i4 or <i8");
   std::vector<std::int32_t> cu(a.count());
   for (std::size_t i = 0; i < cu.size(); ++i) {
     std::int64_t v;
@@ -419,7 +437,8 @@ std::vector<std::int32_t> read_cu_seqlens(const std::string& option, const std::
     } else {
       std::memcpy(&v, a.data.data() + 8 * i, 8);
     }
-    if (v < 0 || v > max_tokens) throw usage_error(file + ": [" + std::to_string(i) + "] = " + std::to_string(v) + " is out of range");
+    if (v < 0 || v > max_tokens)
+      throw usage_error(file + ": [" + std::to_string(i) + "] = " + std::to_string(v) + " is out of range");
     cu[i] = static_cast<std::int32_t>(v);
   }
   return cu;
@@ -476,8 +495,9 @@ void run(settings s, const std::string& q_path, const std::string& k_path, const
          const std::string& cu_path, const std::string& cu_k_path, const fs::path& out) {
   apply_mode(s);
   // Everything is read and checked before the output folder is made.
-  const npy::array q = npy::read(q_path), k = npy::read(k_path), v = npy::read(v_path);
-  if (s.dtype.empty() && (s.dtype = dtype_of(q.descr)).empty())
+  const npy::array q = read_npy("--q", q_path), k = read_npy("--k", k_path), v = read_npy("--v", v_path);
+  if (s.dtype.empty()) s.dtype = dtype_of(q.descr);  // q's dtype unless --dtype says otherwise
+  if (s.dtype.empty())
     throw usage_error("--q " + q_path + " has dtype " + q.descr + "; expected floats (<f8, <f4, <f2, or <u2 for bf16)");
   check_float_input(q, "--q", q_path, s.dtype);
   check_float_input(k, "--k", k_path, s.dtype);
@@ -492,10 +512,10 @@ void run(settings s, const std::string& q_path, const std::string& k_path, const
   const std::vector<std::int32_t> cu_q = read_cu_seqlens("--cu-seqlens", cu_path);
   const std::vector<std::int32_t> cu_k = cu_k_path.empty() ? cu_q : read_cu_seqlens("--cu-seqlens-k", cu_k_path);
   if (cu_k.size() != cu_q.size())
-    throw usage_error("--cu-seqlens " + cu_path + " has " + std::to_string(cu_q.size()) + " entries but --cu-seqlens-k " +
-                      cu_k_path + " has " + std::to_string(cu_k.size()));
+    throw usage_error("--cu-seqlens " + cu_path + " has " + std::to_string(cu_q.size()) +
+                      " entries but --cu-seqlens-k " + cu_k_path + " has " + std::to_string(cu_k.size()));
   const auto check_tokens = [](const std::vector<std::int32_t>& offsets, const std::string& offsets_file,
-                                const npy::array& a, const std::string& file) {
+                               const npy::array& a, const std::string& file) {
     if (offsets.back() != a.shape[0])
       throw usage_error(offsets_file + " ends at " + std::to_string(offsets.back()) + " but " + file + " has shape " +
                         npy::dims(a.shape) + " (" + std::to_string(a.shape[0]) + " tokens)");
@@ -544,13 +564,13 @@ struct expected_meta {
 
 expected_meta read_meta(const fs::path& path) {
   std::ifstream file(path);
-  if (!file) throw usage_error("cannot read " + path.string());
+  if (!file) throw usage_error("--expected: cannot read " + path.string());
   try {
     const json meta = json::parse(file);
     const auto integer = [&](const json& v, const std::string& key, std::int64_t lo) {
       if (!v.is_number_integer() || v.get<std::int64_t>() < lo || v.get<std::int64_t>() > max_tokens)
-        throw usage_error(path.string() + ": " + key + " = " + v.dump() + " is not an integer from " + std::to_string(lo) +
-                          " to " + std::to_string(max_tokens));
+        throw usage_error(path.string() + ": " + key + " = " + v.dump() + " is not an integer from " +
+                          std::to_string(lo) + " to " + std::to_string(max_tokens));
       return v.get<std::int64_t>();
     };
     expected_meta m;
@@ -573,13 +593,13 @@ int check(const fs::path& expected_dir, const std::string& actual_path, const st
           std::optional<double> tol) {
   const expected_meta meta = read_meta(expected_dir / "meta.json");
   const std::string expected_path = (expected_dir / (what + "_f64.npy")).string();
-  const npy::array expected_npy = npy::read(expected_path);
+  const npy::array expected_npy = read_npy("--expected", expected_path);
   std::vector<std::int64_t> want{meta.tokens, meta.q_heads, meta.head_dim};
   if (what == "lse") want.pop_back();
   if (expected_npy.shape != want || expected_npy.descr != "<f8")
-    throw usage_error(expected_path + " has shape " + npy::dims(expected_npy.shape) + " and dtype " + expected_npy.descr +
-                      " but its meta.json says " + npy::dims(want) + " and <f8");
-  const npy::array actual_npy = npy::read(actual_path);
+    throw usage_error(expected_path + " has shape " + npy::dims(expected_npy.shape) + " and dtype " +
+                      expected_npy.descr + " but its meta.json says " + npy::dims(want) + " and <f8");
+  const npy::array actual_npy = read_npy("--actual", actual_path);
   if (actual_npy.shape != expected_npy.shape) {
     throw usage_error(actual_path + " has shape " + npy::dims(actual_npy.shape) + " but the expected " + what +
                       " has " + npy::dims(expected_npy.shape));
@@ -589,7 +609,8 @@ int check(const fs::path& expected_dir, const std::string& actual_path, const st
   std::size_t at = 0;
   for (std::size_t i = 0; i < e.size(); ++i) {
     // A corrupt reference must not be blamed on the kernel under test.
-    if (!std::isfinite(e[i])) throw usage_error(expected_path + " holds " + std::to_string(e[i]) + " at element " + std::to_string(i));
+    if (!std::isfinite(e[i]))
+      throw usage_error(expected_path + " holds " + std::to_string(e[i]) + " at element " + std::to_string(i));
     const double diff = std::abs(a[i] - e[i]);
     num += (a[i] - e[i]) * (a[i] - e[i]);
     den += e[i] * e[i];
@@ -607,8 +628,8 @@ int check(const fs::path& expected_dir, const std::string& actual_path, const st
     std::printf("no elements to compare\n");
   } else {  // e is not empty, so heads and dim are >= 1 (read_meta checked them)
     const std::int64_t heads = meta.q_heads, dim = what == "out" ? meta.head_dim : 1, i = static_cast<std::int64_t>(at);
-    std::printf("largest absolute error %.3e at token %lld, head %lld", worst, static_cast<long long>(i / (heads * dim)),
-                static_cast<long long>(i / dim % heads));
+    std::printf("largest absolute error %.3e at token %lld, head %lld", worst,
+                static_cast<long long>(i / (heads * dim)), static_cast<long long>(i / dim % heads));
     if (what == "out") std::printf(", dim %lld", static_cast<long long>(i % dim));
     std::printf(" (actual %.9g, expected %.9g)\n", a[at], e[at]);
   }
@@ -639,12 +660,14 @@ int run_main(int argc, char** argv) {
     c->add_option("--top-k", top_k, "blocks per query, the current one included, K >= 1")->required();
     c->add_option("--backend", s.backend, "reference or cpu (cuda needs a CUDA build)")
         ->check(CLI::IsMember({"reference", "cpu", "cuda"}));
-    c->add_option("--mode", s.mode, "sparse (MoBA gating) or full (dense causal)")->check(CLI::IsMember({"sparse", "full"}));
+    c->add_option("--mode", s.mode, "sparse (MoBA gating) or full (dense causal)")
+        ->check(CLI::IsMember({"sparse", "full"}));
     auto* o = c->add_option("--scale", scale, "softmax scale (default 1/sqrt(head_dim))");
     c->add_option("--out", out, "output folder; must not exist yet")->required();
     return o;
   };
-  auto* gen = app.add_subcommand("generate", "draw seeded standard-normal q, k, v and write them with the forward pass");
+  auto* gen =
+      app.add_subcommand("generate", "draw seeded standard-normal q, k, v and write them with the forward pass");
   gen->add_option("--seqlens", seqlens, "sequence lengths, comma-separated (prefill: q_len = k_len)")->required();
   gen->add_option("--q-heads", q_heads, "query heads")->required();
   gen->add_option("--kv-heads", kv_heads, "key/value heads (divides --q-heads)")->required();
@@ -669,7 +692,8 @@ int run_main(int argc, char** argv) {
   chk->add_option("--expected", expected, "a folder written by generate or run")->required();
   chk->add_option("--actual", actual, "your output .npy (out: [total, Hq, D], lse: [total, Hq])")->required();
   chk->add_option("--what", what, "out or lse")->check(CLI::IsMember({"out", "lse"}));
-  CLI::Option* tol_opt = chk->add_option("--tol", tol, "relative-error tolerance, >= 0 (default: SPEC's bound for the dtype)");
+  CLI::Option* tol_opt =
+      chk->add_option("--tol", tol, "relative-error tolerance, >= 0 (default: SPEC's bound for the dtype)");
 
   try {
     app.parse(argc, argv);
@@ -689,7 +713,8 @@ int run_main(int argc, char** argv) {
       s.kv_heads = parse_integer<std::int64_t>("--kv-heads", kv_heads, 1, max_tokens);
       s.head_dim = parse_integer<std::int64_t>("--head-dim", head_dim, 1, max_tokens);
       const auto lens = parse_seqlens(seqlens);
-      const auto seed_value = parse_integer<std::uint64_t>("--seed", seed, 0, std::numeric_limits<std::uint64_t>::max());
+      const auto seed_value =
+          parse_integer<std::uint64_t>("--seed", seed, 0, std::numeric_limits<std::uint64_t>::max());
       generate(s, lens, seed_value, parse_out(out));
     }
     if (runc->parsed()) {
@@ -717,6 +742,7 @@ int main(int argc, char** argv) {
   install_signal_watcher();
   const int code = run_main(argc, argv);
   // The report of check (and generate's "wrote") must reach its reader too.
-  if (std::fflush(stdout) != 0 || std::ferror(stdout)) return fail(std::string("cannot write to standard output: ") + std::strerror(errno));
+  if (std::fflush(stdout) != 0 || std::ferror(stdout))
+    return fail(std::string("cannot write to standard output: ") + std::strerror(errno));
   return code;
 }

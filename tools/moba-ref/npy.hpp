@@ -132,7 +132,10 @@ inline array parse_header(const char* bytes, std::size_t size, std::size_t& data
     const std::size_t key_at = p.at;
     const std::string key = p.quoted();
     p.expect(':');
-    bool* seen = key == "descr" ? &have_descr : key == "fortran_order" ? &have_order : key == "shape" ? &have_shape : nullptr;
+    bool* seen = nullptr;
+    if (key == "descr") seen = &have_descr;
+    if (key == "fortran_order") seen = &have_order;
+    if (key == "shape") seen = &have_shape;
     if (!seen) p.at = key_at, p.fail("unknown key '" + key + "'");
     // A second value would silently replace the first; NumPy never writes one.
     if (*seen) p.at = key_at, p.fail("duplicate key '" + key + "'");
@@ -167,10 +170,13 @@ inline array parse_header(const char* bytes, std::size_t size, std::size_t& data
   std::uint64_t count = 1;
   bool empty = false;
   for (auto dim : a.shape) {
-    if (dim == 0) empty = true;
-    else if (count > static_cast<std::uint64_t>(INT64_MAX) / static_cast<std::uint64_t>(dim))
+    if (dim == 0) {
+      empty = true;
+    } else if (count > static_cast<std::uint64_t>(INT64_MAX) / static_cast<std::uint64_t>(dim)) {
       throw error("shape " + dims(a.shape) + " overflows 64 bits");
-    else count *= static_cast<std::uint64_t>(dim);
+    } else {
+      count *= static_cast<std::uint64_t>(dim);
+    }
   }
   if (empty) count = 0;
   const std::size_t payload = size - offset - header_len;
@@ -229,9 +235,10 @@ inline std::string header(const std::string& descr, const std::vector<std::int64
   dict.append((64 - unpadded % 64) % 64, ' ');
   dict += '\n';
   if (dict.size() > 0xffff) throw error("shape " + dims(shape) + " does not fit a version 1.0 header");
-  const char preamble[10] = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0, static_cast<char>(dict.size() & 0xff),
-                             static_cast<char>(dict.size() >> 8)};
-  return std::string(preamble, 10) + dict;
+  std::string preamble("\x93NUMPY\x01\x00", 8);  // version 1.0, then the header length, little endian
+  preamble += static_cast<char>(dict.size() & 0xff);
+  preamble += static_cast<char>(dict.size() >> 8);
+  return preamble + dict;
 }
 
 /// Creates `path` holding `parts` and checks every step (write, flush, fsync, close): a full disk
