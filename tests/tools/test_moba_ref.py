@@ -271,7 +271,7 @@ class MobaRef(unittest.TestCase):
             "two_dicts": (dict_ + "}{}", data, "after the dictionary"),
             "no_shape": ("{'descr': '<f4', 'fortran_order': False, }", data, "lacks shape"),
             "no_descr": ("{'fortran_order': False, 'shape': (115, 4, 16), }", data, "lacks descr"),
-            "long": (dict_ + "}", data + b"\0", f"data holds {len(data) + 1} bytes"),
+            "long": (dict_ + "}", data + b"\0", f"data holds more than {len(data)} bytes"),
             "short": (dict_ + "}", data[:-1], f"data holds {len(data) - 1} bytes"),
             "overflow": ("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 1), }", b"",
                          "overflows 64 bits"),
@@ -283,6 +283,13 @@ class MobaRef(unittest.TestCase):
                          "--cu-seqlens", os.path.join(d, "cu_seqlens.npy"), "--block-size", "16", "--top-k", "3",
                          "--out", self.path("never"))
                 self.assert_one_line(r, self.path(name + ".npy"), needle)
+        # Not files at all: an endless stream (read whole, it would exhaust memory) and a folder.
+        for q, needle in [("/dev/zero", "bad magic"), (self.dir, "Is a directory")]:
+            with self.subTest(q=q):
+                r = tool("run", "--q", q, *(f"--{x}={os.path.join(d, x + '.npy')}" for x in "kv"),
+                         "--cu-seqlens", os.path.join(d, "cu_seqlens.npy"), "--block-size", "16", "--top-k", "3",
+                         "--out", self.path("never"))
+                self.assert_one_line(r, "--q", q, needle)
 
     def test_a_full_disk_fails_naming_the_file_and_leaves_nothing(self):
         tiny = gen(seqlens="1", q_heads="1", kv_heads="1", head_dim="1")  # each file fits a stdio buffer
@@ -331,7 +338,7 @@ class MobaRef(unittest.TestCase):
                 self.assertEqual(os.listdir(self.dir), [])
 
     def test_a_signal_ignored_by_the_caller_stays_ignored(self):
-        p, tmp = self.start_slow(self.path("out"), gen(seqlens="1200,1200"),
+        p, tmp = self.start_slow(self.path("out"), gen(seqlens="800,800"),
                                  preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
         p.send_signal(signal.SIGHUP)
         _, err = p.communicate(timeout=120)
@@ -340,7 +347,7 @@ class MobaRef(unittest.TestCase):
 
     def test_an_out_created_meanwhile_is_never_replaced(self):
         out = self.path("out")
-        p, tmp = self.start_slow(out, gen(seqlens="1200,1200"))
+        p, tmp = self.start_slow(out, gen(seqlens="800,800"))
         os.mkdir(out)  # an empty folder: plain rename(2) would replace it
         _, err = p.communicate(timeout=120)
         self.assertEqual(p.returncode, 2, err)

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <random>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include "npy.hpp"
@@ -131,4 +132,20 @@ TEST_CASE("failed writes and reads throw naming the file: a full disk, a folder,
   CHECK_THROWS_AS(npy::write("/dev/null", "<f4", {3}, x, sizeof x), std::logic_error);  // 3 elements, 2 given
   CHECK_THROWS_WITH_AS(npy::read(std::filesystem::temp_directory_path().string()), doctest::Contains("cannot read"),
                        npy::error);
+}
+
+TEST_CASE("read stops where the header says the data ends: endless streams and long files cost no memory") {
+  // /dev/zero never ends; reading it whole would exhaust memory before the magic was looked at.
+  CHECK_THROWS_WITH_AS(npy::read("/dev/zero"), doctest::Contains("bad magic"), npy::error);
+  const auto path =
+      (std::filesystem::temp_directory_path() / ("npy_long_" + std::to_string(::getpid()) + ".npy")).string();
+  npy::write_file(path, {npy::header("<i8", {2}), std::string(16 + 3, '\0')});
+  CHECK_THROWS_WITH_AS(npy::read(path), doctest::Contains("data holds more than 16 bytes"), npy::error);
+  npy::write_file(path, {npy::header("<i8", {2}), std::string(15, '\0')});
+  CHECK_THROWS_WITH_AS(npy::read(path), doctest::Contains("data holds 15 bytes"), npy::error);
+  npy::write_file(path, {npy::header("<i8", {2}), std::string(16, '\0')});
+  CHECK(npy::read(path).data.size() == 16);
+  npy::write_file(path, {npy::header("<i8", {2}).substr(0, 40)});
+  CHECK_THROWS_WITH_AS(npy::read(path), doctest::Contains("truncated .npy header"), npy::error);
+  std::remove(path.c_str());
 }

@@ -4,11 +4,13 @@
 /// exactly as long as its shape and dtype say. Every write is checked through fsync and close.
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -104,9 +106,8 @@ struct header_parser {
   }
 };
 
-/// Parses the preamble and header of a file held in memory; returns the array without its data and the
-/// data's offset, after checking that exactly count() * item_size bytes follow.
-inline array parse_header(const char* bytes, std::size_t size, std::size_t& data_offset) {
+/// Where the header ends (and the data starts), from the preamble in the first 10 or 12 bytes.
+inline std::size_t header_end(const char* bytes, std::size_t size) {
   constexpr std::string_view magic("\x93NUMPY", 6);
   if (size < 10 || std::string_view(bytes, 6) != magic) throw error("not a .npy file (bad magic)");
   const int major = static_cast<unsigned char>(bytes[6]);
@@ -122,8 +123,14 @@ inline array parse_header(const char* bytes, std::size_t size, std::size_t& data
   } else {
     throw error("unsupported .npy version " + std::to_string(major));
   }
-  if (header_len > size - offset) throw error("truncated .npy header");
-  header_parser p{std::string_view(bytes + offset, header_len)};
+  return offset + header_len;
+}
+
+/// Parses the header in bytes[0, end); returns the array without its data, and in `need` the number
+/// of data bytes its shape and dtype say follow.
+inline array parse_header(const char* bytes, std::size_t end, std::size_t& need) {
+  const std::size_t offset = bytes[6] == 1 ? 10 : 12;
+  header_parser p{std::string_view(bytes + offset, end - offset)};
 
   array a;
   bool have_descr = false, have_order = false, have_shape = false, fortran = false;
@@ -179,13 +186,18 @@ inline array parse_header(const char* bytes, std::size_t size, std::size_t& data
     }
   }
   if (empty) count = 0;
-  const std::size_t payload = size - offset - header_len;
-  if (count > payload / item || count * item != payload) {
-    throw error("data holds " + std::to_string(payload) + " bytes but the shape " + dims(a.shape) + " needs " +
-                std::to_string(count) + " elements of " + std::to_string(item) + " bytes");
-  }
-  data_offset = offset + header_len;
+  if (count > (SIZE_MAX - end - 1) / item)
+    throw error("shape " + dims(a.shape) + " needs more bytes than memory holds");
+  need = count * item;
   return a;
+}
+
+/// `have` data bytes ("more than" where `more`) must be the `need` the array's shape says.
+inline void check_data(std::size_t have, bool more, std::size_t need, const array& a) {
+  if (have == need && !more) return;
+  throw error("data holds " + std::string(more ? "more than " : "") + std::to_string(have) + " bytes but the shape " +
+              dims(a.shape) + " needs " + std::to_string(need / item_size(a.descr)) + " elements of " +
+              std::to_string(item_size(a.descr)) + " bytes");
 }
 
 inline std::string errno_text(int err) { return err ? std::strerror(err) : "unknown error"; }
@@ -194,29 +206,41 @@ inline std::string errno_text(int err) { return err ? std::strerror(err) : "unkn
 
 /// Parses a whole .npy file held in memory. Throws npy::error on anything malformed or unsupported.
 inline array parse(const char* bytes, std::size_t size) {
-  std::size_t offset = 0;
-  array a = detail::parse_header(bytes, size, offset);
-  a.data.assign(bytes + offset, bytes + size);
+  const std::size_t end = detail::header_end(bytes, size);
+  if (end > size) throw error("truncated .npy header");
+  std::size_t need = 0;
+  array a = detail::parse_header(bytes, end, need);
+  detail::check_data(size - end, false, need, a);
+  a.data.assign(bytes + end, bytes + size);
   return a;
 }
 
+/// Reads no more than the header says the file holds, plus one byte: neither a stream without end
+/// (/dev/zero) nor a file far longer than its shape makes it use more memory than the array needs.
 inline array read(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
+  const std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
   if (!f) throw error("cannot open '" + path + "': " + detail::errno_text(errno));
   std::vector<char> bytes;
-  std::size_t got = 0;
-  do {  // in chunks: the file may be a pipe, whose size is not known beforehand
-    bytes.resize(got + (1 << 20));
-    got += std::fread(bytes.data() + got, 1, bytes.size() - got, f);
-  } while (got == bytes.size());
-  const int err = std::ferror(f) ? errno : 0;
-  std::fclose(f);
-  if (err) throw error("cannot read '" + path + "': " + detail::errno_text(err));
-  bytes.resize(got);
+  const auto fill = [&](std::size_t want) {  // up to `want` bytes in all, fewer at the end of the file
+    while (bytes.size() < want) {
+      const std::size_t have = bytes.size(), chunk = std::min<std::size_t>(want - have, 1 << 24);
+      bytes.resize(have + chunk);
+      const std::size_t got = std::fread(bytes.data() + have, 1, chunk, f.get());
+      bytes.resize(have + got);
+      if (std::ferror(f.get())) throw error("cannot read: " + detail::errno_text(errno));
+      if (got < chunk) break;
+    }
+  };
   try {
-    std::size_t offset = 0;
-    array a = detail::parse_header(bytes.data(), bytes.size(), offset);
-    bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(offset));  // no second copy of the data
+    fill(12);
+    const std::size_t end = detail::header_end(bytes.data(), bytes.size());
+    fill(end);
+    if (bytes.size() < end) throw error("truncated .npy header");
+    std::size_t need = 0;
+    array a = detail::parse_header(bytes.data(), end, need);
+    fill(end + need + 1);
+    detail::check_data(std::min(bytes.size() - end, need), bytes.size() - end > need, need, a);
+    bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(end));  // no second copy of the data
     a.data = std::move(bytes);
     return a;
   } catch (const error& e) {
