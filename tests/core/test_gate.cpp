@@ -58,3 +58,42 @@ TEST_CASE("blocks: the last block is partial, the current block is floor(pos / B
   CHECK(moba::core::current_block(7, 4) == 1);
   CHECK(moba::core::current_block(8, 4) == 2);
 }
+
+TEST_CASE("rank keys order (score, block) pairs exactly as ranks_before, special values included") {
+  const std::uint64_t seed = std::random_device{}();
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  const float specials[] = {NAN, -NAN, INFINITY, -INFINITY, 0.f, -0.f, 1e-45f, -1e-45f, 3.4e38f, -3.4e38f, 1.f, -1.f};
+  std::normal_distribution<float> normal;
+  auto draw = [&] { return rng() % 3 == 0 ? specials[rng() % std::size(specials)] : normal(rng); };
+  for (int n = 0; n < 4000; ++n) {
+    const float a = draw(), b = rng() % 4 == 0 ? a : draw();
+    const std::int64_t i = static_cast<std::int64_t>(rng() % 64), j = static_cast<std::int64_t>(rng() % 64);
+    if (i == j) continue;
+    CAPTURE(a);
+    CAPTURE(b);
+    CHECK((moba::core::rank_key(a, i) > moba::core::rank_key(b, j)) == ranks_before(a, i, b, j));
+    CHECK(moba::core::key_block(moba::core::rank_key(a, i)) == i);
+    // A key's floor is the least score that still ranks with it: the score itself (+0 for -0), -inf for NaN.
+    const float floor = moba::core::key_score(moba::core::rank_key(a, i));
+    if (std::isnan(a)) CHECK(floor == -INFINITY);
+    else CHECK(floor == a);
+  }
+}
+
+TEST_CASE("a query attends the whole of a history block and its current block up to itself") {
+  using moba::core::attended_range;
+  CHECK((attended_range(2, 40, 8).begin == 16 && attended_range(2, 40, 8).end == 24));  // history
+  CHECK((attended_range(5, 42, 8).begin == 40 && attended_range(5, 42, 8).end == 43));  // current: causal
+  CHECK((attended_range(5, 47, 8).end == 48));
+  CHECK(attended_range(0, 0, std::int64_t{1} << 62).end == 1);  // no overflow at huge blocks
+}
+
+TEST_CASE("selection width: the current block plus the history blocks the last query can select") {
+  using moba::core::selection_width;
+  CHECK(selection_width(0, 3, false) == 1);
+  CHECK(selection_width(1, 3, false) == 2);
+  CHECK(selection_width(9, 3, false) == 3);
+  CHECK(selection_width(9, std::int64_t{1} << 40, false) == 10);  // top_k beyond the blocks: all of them
+  CHECK(selection_width(9, 3, true) == 10);
+}

@@ -40,3 +40,15 @@ TEST_CASE("merging two parts by lse equals one softmax over both") {
   CHECK(moba::core::merge_lse(-HUGE_VAL, -HUGE_VAL) == -HUGE_VAL);
   CHECK(moba::core::part_weight(-HUGE_VAL, 3.0) == 0.0);
 }
+
+TEST_CASE("the log2 form of the merge is the natural one in other units, and keeps an empty part's weight 0") {
+  std::mt19937_64 rng(std::random_device{}());
+  std::uniform_real_distribution<double> u(-50, 50);
+  for (int n = 0; n < 1000; ++n) {
+    const double a = u(rng), b = u(rng), ln2 = std::log(2.0);
+    CHECK(moba::core::merge_lse2(a / ln2, b / ln2) * ln2 == doctest::Approx(moba::core::merge_lse(a, b)).epsilon(1e-12));
+  }
+  CHECK(moba::core::merge_lse2(-INFINITY, 3.5f) == 3.5f);  // float, as kernels call it
+  CHECK(moba::core::merge_lse2(2.0, -double(INFINITY)) == 2.0);
+  CHECK(moba::core::merge_lse2(-INFINITY, -INFINITY) == -INFINITY);  // float
+}

@@ -25,4 +25,13 @@ MOBA_HOST_DEVICE std::int64_t block_end(std::int64_t j, std::int64_t block_size,
 /// The block holding key position `pos`: the query's current block c(i) = floor(pos / B).
 MOBA_HOST_DEVICE std::int64_t current_block(std::int64_t pos, std::int64_t block_size) { return pos / block_size; }
 
+/// Keys [begin, end) of block j that the query at `pos` attends (SPEC §Attention): the whole block
+/// for a history block, the causal part up to pos for its current block.
+struct key_range {
+  std::int64_t begin, end;
+};
+MOBA_HOST_DEVICE key_range attended_range(std::int64_t j, std::int64_t pos, std::int64_t block_size) {
+  return {block_begin(j, block_size), block_end(j, block_size, pos + 1)};
+}
+
 }  // namespace moba::core

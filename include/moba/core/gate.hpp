@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cmath>
+#include <cstring>
 
 #include <moba/detail/macros.hpp>
 
@@ -17,6 +19,39 @@ MOBA_HOST_DEVICE bool ranks_before(S score_a, std::int64_t a, S score_b, std::in
   if (!nan_a && score_a != score_b) return score_a > score_b;
   return a < b;
 }
+
+/// The ranking of ranks_before as integers, for kernels that rank by comparing keys (fp32 scores).
+/// A score's bits as an unsigned integer that orders as SPEC §Blocks 5 ranks scores: higher first,
+/// a NaN below every number (0), -0 equal to +0.
+MOBA_HOST_DEVICE std::uint32_t ordered_score(float score) {
+  std::uint32_t u;
+  const float plain = score + 0.f;  // -0 becomes +0
+  std::memcpy(&u, &plain, sizeof u);
+  return score != score ? 0u : (u & 0x80000000u) ? ~u : u | 0x80000000u;
+}
+
+/// A (score, block) pair as one integer that orders like ranks_before: by score, then the lower block.
+MOBA_HOST_DEVICE std::uint64_t rank_key(float score, std::int64_t j) {
+  return (std::uint64_t{ordered_score(score)} << 32) | (0xffffffffu - static_cast<std::uint32_t>(j));
+}
+
+/// The block of a rank key.
+MOBA_HOST_DEVICE std::int32_t key_block(std::uint64_t key) {
+  return static_cast<std::int32_t>(0xffffffffu - static_cast<std::uint32_t>(key));
+}
+
+/// The score of an ordered_score, as a float that a block's score must reach to beat it (a NaN
+/// score, which every number beats, becomes -inf).
+MOBA_HOST_DEVICE float ordered_floor(std::uint32_t u) {
+  if (u == 0) return -INFINITY;
+  const std::uint32_t bits = u & 0x80000000u ? u & 0x7fffffffu : ~u;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/// The score of a rank key, as ordered_floor.
+MOBA_HOST_DEVICE float key_score(std::uint64_t key) { return ordered_floor(static_cast<std::uint32_t>(key >> 32)); }
 
 /// Streaming top-n over candidates offered one at a time; keeps `best` sorted by rank.
 /// `best_index`/`best_score` are caller storage of capacity `n` (no allocation: usable in kernels).

@@ -21,6 +21,7 @@
 #include <moba/backends/cuda/gate.cuh>
 #include <moba/backends/cuda/given_selection.cuh>
 #include <moba/backends/cuda/sequences.hpp>
+#include <moba/backends/cuda/simt.cuh>
 #include <moba/backends/cuda/slots.cuh>
 #include <moba/backends/cuda/table.cuh>
 #include <moba/backends/cuda/tile_size.hpp>
