@@ -207,8 +207,10 @@ class MobaRef(unittest.TestCase):
         cases += [(gen(seed=x) + never, "--seed", x) for x in ["-1", "18446744073709551616", "1e3", "0x10", ""]]
         cases += [(gen(seqlens=x) + never, "--seqlens", x) for x in ["1,,2", ",1", "1,", "", "-5", "1;2", "2147483648"]]
         cases += [(gen(seqlens="2147483647,1") + never, "--seqlens", "2147483647,1")]
-        for option in ["block-size", "top-k", "q-heads", "kv-heads", "head-dim"]:
-            for x in ["0", "-3", "1.5", "0x10", " 4", "99999999999999999999", ""]:
+        for x in ["0", "-3", "1.5", "0x10", " 4", "99999999999999999999", ""]:
+            cases.append((gen(block_size=x) + never, "--block-size", x))
+        for option in ["top-k", "q-heads", "kv-heads", "head-dim"]:  # the same parser: a sample
+            for x in ["0", "1.5", "99999999999999999999"]:
                 cases.append((gen(**{option: x}) + never, f"--{option}", x))
         cases += [(gen(scale=x) + never, "--scale", x) for x in ["nan", "inf", "", "1/8"]]
         cases += [(gen() + ["--out", ""], "--out", "")]
