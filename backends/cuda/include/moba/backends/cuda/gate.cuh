@@ -35,6 +35,27 @@ __device__ __forceinline__ void store_selection(const core::fwd_params<T>& p, co
   if (p.selected.given() && w < p.selected.extent[3]) p.selected(e.seq.batch, e.seq.q_start + i, h, w) = block;
 }
 
+/// Writes query i's selection (head h, current block c) from its `want` best keys (entry n at
+/// best[n * tile_rows]) to the workspace and `selected`, and counts it into the slots. SPEC output
+/// order is ascending: a history block's place is the number of smaller ones, and the current
+/// block comes after them all (no local-memory sort).
+template <class T>
+__device__ __forceinline__ void write_selection(const core::fwd_params<T>& p, const sequence_desc& e, std::int64_t i,
+                                                std::int64_t h, std::int64_t c, const std::uint64_t* best, int want,
+                                                std::int32_t* sel, const slot_tally& tally) {
+  auto block = [&](int n) { return core::key_block(best[n * tile_rows]); };
+  const std::int64_t x = (e.row_offset + i) * p.q_heads + h, kvh = p.kv_head(h);
+  for (int n = 0; n < want; ++n) {
+    int place = 0;
+    for (int m = 0; m < want; ++m) place += block(m) < block(n);
+    store_selection(p, e, i, h, place, block(n), sel);
+    if (tally.counts != nullptr)
+      atomicAdd(&tally.counts[place * tally.counters + slot_counter(x, list_key(kvh, tally.total_blocks, e, block(n)))], 1);
+  }
+  const std::int64_t width = p.selected.given() && p.selected.extent[3] > p.top_k ? p.selected.extent[3] : p.top_k;
+  for (std::int64_t w = want; w < width; ++w) store_selection(p, e, i, h, w, w == want ? static_cast<std::int32_t>(c) : -1, sel);
+}
+
 using core::key_block;
 using core::key_score;
 using core::ordered_floor;
@@ -339,21 +360,7 @@ __global__ void __launch_bounds__(attention_threads, gate_ctas_per_sm<T>)
 #pragma unroll
     for (int n = 0; n < List; ++n)
       if (n < want) best[n * tile_rows] = rank_key(0.f, list_block[n]);
-  if (!scorer && row < rows) {
-    // SPEC output order is ascending: a history block's place is the number of smaller ones, and the
-    // current block comes after them all (no local-memory sort).
-    auto block = [&](int n) { return key_block(best[n * tile_rows]); };
-    const std::int64_t x = (e.row_offset + i0 + row) * p.q_heads + h;
-    for (int n = 0; n < want; ++n) {
-      int place = 0;
-      for (int m = 0; m < want; ++m) place += block(m) < block(n);
-      store_selection(p, e, i0 + row, h, place, block(n), sel);
-      if (tally.counts != nullptr)
-        atomicAdd(&tally.counts[place * tally.counters + slot_counter(x, list_key(kvh, tally.total_blocks, e, block(n)))], 1);
-    }
-    const std::int64_t width = p.selected.given() && p.selected.extent[3] > p.top_k ? p.selected.extent[3] : p.top_k;
-    for (std::int64_t w = want; w < width; ++w) store_selection(p, e, i0 + row, h, w, w == want ? static_cast<std::int32_t>(c) : -1, sel);
-  }
+  if (!scorer && row < rows) write_selection(p, e, i0 + row, h, c, best, want, sel, tally);
   // The gate does not finish before the block means it overlaps (the means of a sequence's last block,
   // which no query reads, may still run), so the launches after it need not know about them.
   if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) wait_for_prerequisite_grid();
