@@ -3,6 +3,7 @@
 /// causal attention, and a selection compare that forgives only true near-ties.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -98,6 +99,7 @@ struct outputs {
 template <class Backend, class T>
 struct runner {
   static void forward(attention<Backend, T>& attn, const forward_args<T>& args) { attn.forward(args); }
+  static void gate(attention<Backend, T>& attn, const forward_args<T>& args) { attn.gate(args); }
 };
 
 /// Backend options `run` sets before the call: none.
@@ -131,19 +133,34 @@ outputs<T> run(const tensors<T>& t, const config& cfg, std::int64_t extra_width 
   return o;
 }
 
-/// ‖a − b‖ / ‖b‖ over the rows kept (`keep[row]`, rows of `row_len` elements), in double. NaN anywhere fails.
+/// The spacing of T's denormals (its smallest positive value): 2^-1074, 2^-149, 2^-24 (float16), 2^-133 (bfloat16).
+template <class T>
+double denormal_spacing() {
+  if constexpr (std::is_floating_point_v<T>) {
+    return std::numeric_limits<T>::denorm_min();
+  } else {
+    return to_double(T::from_bits(1));
+  }
+}
+
+/// SPEC §Precision's measure over the rows kept (`keep[row]`, rows of `row_len` elements), in double:
+/// (‖a − b‖ − δ·√n) / ‖b‖, floored at 0, with n the elements compared and δ the denormal spacing of
+/// A (the dtype under test), so that `rel_error(a, b) <= bound` says ‖a − b‖ ≤ bound·‖b‖ + δ·√n.
+/// Outside the denormal range the δ term is far below any bound. NaN or ±inf anywhere fails.
 template <class A, class B>
 double rel_error(const std::vector<A>& a, const std::vector<B>& b, std::size_t row_len = 1,
                  const std::vector<bool>* keep = nullptr) {
-  double num = 0, den = 0;
+  double num = 0, den = 0, n = 0;
   for (std::size_t i = 0; i < a.size(); ++i) {
     if (keep && !(*keep)[i / row_len]) continue;
     const double x = to_double(a[i]), y = to_double(b[i]);
-    if (std::isnan(x) || std::isnan(y)) return std::numeric_limits<double>::infinity();
+    if (!std::isfinite(x) || !std::isfinite(y)) return std::numeric_limits<double>::infinity();
     num += (x - y) * (x - y);
     den += y * y;
+    n += 1;
   }
-  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+  const double excess = std::max(0.0, std::sqrt(num) - denormal_spacing<A>() * std::sqrt(n));
+  return den == 0 ? excess : excess / std::sqrt(den);
 }
 
 /// SPEC §Precision: bounds on outputs and lse.
@@ -160,6 +177,14 @@ template <class T>
 double gate_tolerance(std::int64_t d) {
   const double eps = std::is_same_v<gate_t<T>, double> ? 1.1e-16 : 6e-8;
   return 4.0 * static_cast<double>(d + 2) * eps;
+}
+
+/// Absolute rounding of a gate score below the gate type's normal range (SPEC §Precision): each mean
+/// element, product and sum may round to the type's denormal spacing, so a score is also uncertain by
+/// (Σ|q_e| + D + 2) spacings; on all-denormal inputs every score underflows to a tie.
+template <class T>
+double gate_underflow(std::int64_t d, double q_abs_sum) {
+  return 2.0 * (q_abs_sum + static_cast<double>(d + 2)) * std::numeric_limits<gate_t<T>>::denorm_min();
 }
 
 /// Dense causal attention in double, written independently of the library (SPEC §Attention with every
@@ -213,6 +238,8 @@ std::vector<bool> agreeing_rows(const tensors<T>& t, const config& cfg, const st
         if (g == r) continue;
         // Score of block j for this query, and its rounding scale Σ|q_e · kbar_e|.
         const std::int64_t kh = h / (s.hq / s.hkv);
+        double q_abs = 0;
+        for (std::int64_t e = 0; e < s.d; ++e) q_abs += std::abs(w.q[row * s.d + e]);
         auto score = [&](std::int32_t j, double* magnitude) {
           const std::int64_t begin = j * cfg.block_size, end = std::min<std::int64_t>(k_len, begin + cfg.block_size);
           double dot = 0, mag = 0;
@@ -233,7 +260,7 @@ std::vector<bool> agreeing_rows(const tensors<T>& t, const config& cfg, const st
         for (std::size_t x = 0; x < extra.size(); ++x) {
           double m1 = 0, m2 = 0;
           const double s1 = score(extra[x], &m1), s2 = score(missing[x], &m2);
-          REQUIRE_MESSAGE(std::abs(s1 - s2) <= gate_tolerance<T>(s.d) * std::max(m1, m2),
+          REQUIRE_MESSAGE(std::abs(s1 - s2) <= gate_tolerance<T>(s.d) * std::max(m1, m2) + gate_underflow<T>(s.d, q_abs),
                           "row ", row, " selects block ", extra[x], " (score ", s1, ") instead of ", missing[x],
                           " (score ", s2, "): not a near-tie");
         }

@@ -16,6 +16,18 @@
 
 namespace moba::backends::cpu {
 
+namespace bf16 {
+/// Whether a row holds a nonzero value below 2^-100 (bf16 exponent field < 27), denormals among them.
+/// vdpbf16ps treats denormal inputs as zero and flushes denormal results (its MXCSR is fixed), so
+/// chunks and query tiles holding such values run on the fp32 products instead (SPEC §Precision).
+inline bool has_tiny(const bfloat16* x, std::int64_t n) {
+  std::uint16_t tiny = 0;
+  for (std::int64_t i = 0; i < n; ++i)  // one unsigned compare per element (magnitude in [1, 27 << 7)), vectorised
+    tiny |= static_cast<std::uint16_t>((x[i].bits & 0x7fff) - 1) < (27 << 7) - 1;
+  return tiny != 0;
+}
+}  // namespace bf16
+
 #if defined(__AVX512BF16__)
 /// Whether T's products run on vdpbf16ps (compute type fp32, bfloat16 inputs).
 template <class T, class A>

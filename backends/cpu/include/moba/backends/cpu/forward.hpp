@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,15 @@ struct work_item {
   double cost;
 };
 
+/// Serialises the calls on one backend object. Copies and moves get a mutex of their own (the state
+/// beside it is copied; copying an object in use is a race like any other).
+struct call_mutex {
+  std::mutex mutex;
+  call_mutex() = default;
+  call_mutex(const call_mutex&) {}
+  call_mutex& operator=(const call_mutex&) { return *this; }
+};
+
 /// State reused across calls: the work list, the block means and the per-thread tile scratch.
 template <class A>
 struct forward_state {
@@ -44,14 +54,15 @@ template <class T, class A>
 void forward(const core::fwd_params<T>& p, forward_state<A>& state) {
   const std::int64_t dp = padded_dim<A>(p.head_dim), block = p.block_size;
   const std::int64_t tile = query_tile_tokens(block, p.q_heads / p.kv_heads);
-  // Block means (SPEC §Blocks 2) for every (sequence, kv head), accumulated in A, divided by the count.
+  // Block means (SPEC §Blocks 2) for every (sequence, kv head), accumulated in A, divided by the count;
+  // a selection given by the caller needs none.
   state.means_offset.assign(p.seqs.count * p.kv_heads + 1, 0);
   for (std::int64_t s = 0; s < p.seqs.count; ++s)
     for (std::int64_t kv = 0; kv < p.kv_heads; ++kv)
       state.means_offset[s * p.kv_heads + kv + 1] =
           state.means_offset[s * p.kv_heads + kv] + core::block_count(p.seqs[s].k_len, block) * dp;
   grow(state.means, state.means_offset.back());
-  parallel_for_each(p.seqs.count * p.kv_heads, [&](std::int64_t item) {
+  if (!p.selection.given()) parallel_for_each(p.seqs.count * p.kv_heads, [&](std::int64_t item) {
     const std::int64_t s = item / p.kv_heads, kv = item % p.kv_heads;
     const sequence_info seq = p.seqs[s];
     if (seq.q_len == 0) return;
@@ -94,18 +105,26 @@ void forward(const core::fwd_params<T>& p, forward_state<A>& state) {
 
 namespace moba {
 
+/// The CPU backend. Its work list, block means and per-thread scratch are state kept across calls (no
+/// allocation once grown), so calls on one object are serialised; use one object per thread to run in
+/// parallel (SPEC §Threads). Each call runs on the object's `threads` workers.
 template <class Dtype>
 struct backend_impl<cpu, Dtype> {
   static constexpr const char* name = "moba::cpu";
   backends::cpu::options opts;
   backends::cpu::forward_state<accum_t<Dtype>> state;
   backends::cpu::thread_pool pool;
+  backends::cpu::call_mutex calls;
 
   explicit backend_impl(const config&, backends::cpu::options o = {}) : opts(o), pool(o.threads) {}
   static bool supports_head_dim(std::int64_t) { return true; }
   static std::string head_dims() { return "any"; }
-  void check(const core::problem<Dtype>&) const {}
+  /// A caller's selection is checked entry by entry (SPEC §Blocks 7) before anything is written.
+  void check(const core::fwd_params<Dtype>& p) const {
+    if (p.selection.given()) detail::check_selection(p);
+  }
   void forward(const core::fwd_params<Dtype>& p) {
+    const std::lock_guard<std::mutex> lock(calls.mutex);
     pool.run([&] { backends::cpu::forward(p, state); });
   }
 };

@@ -127,8 +127,28 @@ void with_rows(std::int64_t rows, F&& f) {
   }
 }
 
+/// o[0, d) += Σ_{t ∈ [from, to)} p[t] · v_t for one row, v_t = row(t) widened: the keys of a chunk this
+/// row attends beyond those every row of its register tile attends (its own position's chunk). Adding
+/// them to the row alone means a key past a row's position never meets it, whatever it holds
+/// (0·inf = NaN).
+template <class A, class Row>
+void value_tail(const A* p, std::int64_t from, std::int64_t to, std::int64_t d, A* o, Row&& row) {
+  for (std::int64_t t = from; t < to; ++t) {
+    const auto* v = row(t);
+    const A pt = p[t];
+    for (std::int64_t x = 0; x < d; ++x) {
+      if constexpr (std::is_same_v<std::remove_cvref_t<decltype(*v)>, bfloat16>) {
+        o[x] += pt * detail::bits_float(std::uint32_t{v[x].bits} << 16);  // vectorises as a shift
+      } else {
+        o[x] += pt * v[x];
+      }
+    }
+  }
+}
+
 /// One work item: query tokens [i0, i1) of sequence `seq`, every query head of kv head `kv`.
-/// `means` holds the sequence's key-block means for this kv head, [blocks, Dp] in the compute type.
+/// `means` holds the sequence's key-block means for this kv head, [blocks, Dp] in the compute type
+/// (null when the caller gives the selection). With p.gate_only it writes the selection and stops.
 template <class T, class A>
 void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64_t kv, std::int64_t i0,
               std::int64_t i1, const A* means, tile_workspace<A>& w) {
@@ -136,48 +156,64 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
   constexpr A neg_inf = -std::numeric_limits<A>::infinity();
   const std::int64_t group = p.q_heads / p.kv_heads, d = p.head_dim, dp = padded_dim<A>(d);
   const std::int64_t rows = (i1 - i0) * group, block = p.block_size;
-  const std::int64_t top = p.full ? core::block_count(seq.k_len, block) : p.top_k;  // selection width bound
+  const bool attend = !p.gate_only, given = p.selection.given();
+  // Selection entries per row: at most the blocks up to the tile's last current block, never top_k
+  // itself (top_k >= blocks means dense, and may be 2^62).
+  const std::int64_t last_block = core::current_block(seq.pos(i1 - 1), block);
+  const std::int64_t width = given ? std::min(p.selection.extent[3], last_block + 1)
+                                   : core::history_count(last_block, p.top_k, p.full) + 1;
 
   grow(w.q, rows * dp);
-  grow(w.o, rows * dp);
-  grow(w.m, rows);
-  grow(w.l, rows);
   grow(w.pos, rows);
-  grow(w.selection, rows * top);
+  grow(w.selection, rows * width);
   grow(w.count, rows);
-  grow(w.score_scratch, top);
-  grow(w.chunk_rows, rows);
-  grow(w.key_row, dp);
-  grow(w.k_packed, dp * tile::chunk_keys);
-  grow(w.v_chunk, tile::chunk_keys * dp);
-  grow(w.scores, tile::rows * tile::chunk_keys);
-  if constexpr (bf16_dot<T, A>) {
-    grow(w.q16, rows * dp);
-    grow(w.k16, dp * tile::chunk_keys);
-    grow(w.v16, dp * tile::chunk_keys);
+  grow(w.score_scratch, width);
+  if (attend) {
+    grow(w.o, rows * dp);
+    grow(w.m, rows);
+    grow(w.l, rows);
+    grow(w.chunk_rows, std::max(rows, last_block + 1));
+    grow(w.key_row, dp);
+    grow(w.k_packed, dp * tile::chunk_keys);
+    grow(w.v_chunk, tile::chunk_keys * dp);
+    grow(w.scores, tile::rows * tile::chunk_keys);
+    if constexpr (bf16_dot<T, A>) {
+      grow(w.q16, rows * dp);
+      grow(w.k16, dp * tile::chunk_keys);
+      grow(w.v16, dp * tile::chunk_keys);
+    }
   }
 
   // Rows are (token, head) pairs, token-major: row r is token i0 + r / group, head kv*group + r % group.
+  bool tiny_q = false;  // a query too small for vdpbf16ps (dot_bf16.hpp): the tile runs on fp32
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t i = i0 + r / group, h = kv * group + r % group;
     widen_row<A>(&p.q(seq.batch, seq.q_start + i, h, 0), w.q.data() + r * dp, d, dp);
+    w.pos[r] = seq.pos(i);
+    if (!attend) continue;
     if constexpr (bf16_dot<T, A>) {
       const T* q = &p.q(seq.batch, seq.q_start + i, h, 0);
       for (std::int64_t x = 0; x < dp; ++x) w.q16[r * dp + x] = x < d ? q[x].bits : 0;
+      tiny_q = tiny_q || bf16::has_tiny(q, d);
     }
     std::fill_n(w.o.data() + r * dp, dp, A(0));
     w.m[r] = neg_inf;
     w.l[r] = A(0);
-    w.pos[r] = seq.pos(i);
   }
 
-  // Gate (SPEC §Blocks): top (K−1) past blocks by q·kbar, plus the current block, ascending.
-  const std::int64_t last_block = core::current_block(w.pos[rows - 1], block);
-  grow(w.block_start, last_block + 2);
-  std::fill_n(w.block_start.data(), last_block + 2, 0);
+  // Selection (SPEC §Blocks): the caller's (§Blocks 7, checked before the call), or the gate's top
+  // (K−1) past blocks by q·kbar plus the current block, ascending.
   for (std::int64_t r = 0; r < rows; ++r) {
-    const std::int64_t c = core::current_block(w.pos[r], block), want = core::history_count(c, p.top_k, p.full);
-    std::int64_t* sel = w.selection.data() + r * top;
+    const std::int64_t c = core::current_block(w.pos[r], block);
+    std::int64_t* sel = w.selection.data() + r * width;
+    if (given) {
+      const std::int64_t t = seq.q_start + i0 + r / group, h = kv * group + r % group;
+      std::int64_t n = 0;
+      for (; n < width && p.selection(seq.batch, t, h, n) >= 0; ++n) sel[n] = p.selection(seq.batch, t, h, n);
+      w.count[r] = n;
+      continue;
+    }
+    const std::int64_t want = core::history_count(c, p.top_k, p.full);
     if (p.full) {
       for (std::int64_t j = 0; j < c; ++j) sel[j] = j;
     } else {
@@ -193,18 +229,29 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
     }
     sel[want] = c;
     w.count[r] = want + 1;
-    for (std::int64_t x = 0; x <= want; ++x) ++w.block_start[sel[x] + 1];
   }
+  auto write_selected = [&](std::int64_t r, std::int64_t t, std::int64_t h) {
+    for (std::int64_t x = 0; x < p.selected.extent[3]; ++x)
+      p.selected(seq.batch, t, h, x) = x < w.count[r] ? static_cast<std::int32_t>(w.selection[r * width + x]) : -1;
+  };
+  if (!attend) {
+    if (p.selected.given())
+      for (std::int64_t r = 0; r < rows; ++r) write_selected(r, seq.q_start + i0 + r / group, kv * group + r % group);
+    return;
+  }
+
   // Group rows by block (counting sort): block j's rows are block_rows[block_start[j], block_start[j+1]).
+  grow(w.block_start, last_block + 2);
+  std::fill_n(w.block_start.data(), last_block + 2, 0);
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t x = 0; x < w.count[r]; ++x) ++w.block_start[w.selection[r * width + x] + 1];
   for (std::int64_t j = 0; j <= last_block; ++j) w.block_start[j + 1] += w.block_start[j];
   grow(w.block_rows, w.block_start[last_block + 1]);
   {
-    std::vector<std::int64_t>& fill = w.chunk_rows;  // reused as per-block cursors
-    grow(fill, last_block + 1);
-    std::copy_n(w.block_start.data(), last_block + 1, fill.data());
+    std::int64_t* fill = w.chunk_rows.data();  // reused as per-block cursors
+    std::copy_n(w.block_start.data(), last_block + 1, fill);
     for (std::int64_t r = 0; r < rows; ++r)
-      for (std::int64_t x = 0; x < w.count[r]; ++x) w.block_rows[fill[w.selection[r * top + x]]++] = r;
-    grow(w.chunk_rows, rows);
+      for (std::int64_t x = 0; x < w.count[r]; ++x) w.block_rows[fill[w.selection[r * width + x]]++] = r;
   }
 
   const A scale = static_cast<A>(p.softmax_scale);
@@ -221,18 +268,29 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
       // the pair layouts of dot_bf16.hpp). Padding columns (keys past the chunk's end) only meet masked
       // scores; padding rows (Dp > D) must be zero. Values are copied even when no widening is needed:
       // rows H·D apart in the caller's tensor alias the same L1 sets and measured slower in place.
+      // bf16 chunks holding values too small for vdpbf16ps run on the fp32 products.
+      bool dot16 = false;
       if constexpr (bf16_dot<T, A>) {
-        if (dp > d) {
-          std::fill_n(w.k16.data(), dp * tile::chunk_keys, std::uint16_t{0});
-          std::fill_n(w.v16.data(), dp * tile::chunk_keys, std::uint16_t{0});
+        dot16 = !tiny_q;
+        if (dot16) {
+          if (dp > d) {
+            std::fill_n(w.k16.data(), dp * tile::chunk_keys, std::uint16_t{0});
+            std::fill_n(w.v16.data(), dp * tile::chunk_keys, std::uint16_t{0});
+          }
+          bool tiny = false;
+          for (std::int64_t t = 0; t < keys; ++t) {
+            const T* key = &p.k(seq.batch, seq.k_start + t0 + t, kv, 0);
+            const T* value = &p.v(seq.batch, seq.k_start + t0 + t, kv, 0);
+            bf16::pack_key(key, t, d, w.k16.data());
+            bf16::pack_value(value, t, d, dp, w.v16.data());
+            tiny = tiny || bf16::has_tiny(key, d) || bf16::has_tiny(value, d);
+          }
+          if (keys % 2)  // the odd key's partner meets probability 0: make its values 0, not stale
+            for (std::int64_t x = 0; x < dp; ++x) w.v16[((keys >> 1) * dp + x) * 2 + 1] = 0;
+          dot16 = !tiny;
         }
-        for (std::int64_t t = 0; t < keys; ++t) {
-          bf16::pack_key(&p.k(seq.batch, seq.k_start + t0 + t, kv, 0), t, d, w.k16.data());
-          bf16::pack_value(&p.v(seq.batch, seq.k_start + t0 + t, kv, 0), t, d, dp, w.v16.data());
-        }
-        if (keys % 2)  // the odd key's partner meets probability 0: make its values 0, not stale
-          for (std::int64_t x = 0; x < dp; ++x) w.v16[((keys >> 1) * dp + x) * 2 + 1] = 0;
-      } else {
+      }
+      if (!dot16) {
         if (keys < tile::chunk_keys || dp > d) std::fill_n(w.k_packed.data(), dp * tile::chunk_keys, A(0));
         for (std::int64_t t = 0; t < keys; ++t) {
           widen_row<A>(&p.v(seq.batch, seq.k_start + t0 + t, kv, 0), w.v_chunk.data() + t * dp, d, dp);
@@ -261,19 +319,32 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
         with_rows<A>(count, [&](auto r) {
           constexpr int rows_now = decltype(r)::value;
           if constexpr (bf16_dot<T, A>) {
-            bf16::score_tile<rows_now>(rows_q16, w.k16.data(), dp, w.scores.data());
-          } else {
-            score_tile<rows_now>(rows_q, w.k_packed.data(), dp, w.scores.data());
+            if (dot16) bf16::score_tile<rows_now>(rows_q16, w.k16.data(), dp, w.scores.data());
           }
+          if (!dot16) score_tile<rows_now>(rows_q, w.k_packed.data(), dp, w.scores.data());
+          // Each row's keys end at its own position; `common` keys are attended by every row of the tile.
+          std::int64_t valid[tile::rows], common = keys;
           for (std::int64_t y = 0; y < count; ++y) {
             const std::int64_t row = w.chunk_rows[x + y];
-            const std::int64_t valid = std::min(keys, w.pos[row] - t0 + 1);
-            softmax_chunk(w.scores.data() + y * tile::chunk_keys, valid, scale, w.m[row], w.l[row], rows_o[y], dp);
+            valid[y] = std::min(keys, w.pos[row] - t0 + 1);
+            common = std::min(common, valid[y]);
+            softmax_chunk(w.scores.data() + y * tile::chunk_keys, valid[y], scale, w.m[row], w.l[row], rows_o[y], dp);
           }
           if constexpr (bf16_dot<T, A>) {
-            bf16::value_tile<rows_now>(w.scores.data(), w.v16.data(), keys, dp, rows_o);
-          } else {
-            value_tile<rows_now>(w.scores.data(), w.v_chunk.data(), keys, dp, rows_o);
+            if (dot16) {
+              // Keys go in pairs: where `common` is odd its partner may lie past some row's position.
+              const std::int64_t both = common == keys ? keys : common & ~std::int64_t{1};
+              bf16::value_tile<rows_now>(w.scores.data(), w.v16.data(), both, dp, rows_o);
+              for (std::int64_t y = 0; y < count; ++y)
+                value_tail(w.scores.data() + y * tile::chunk_keys, both, valid[y], d, rows_o[y],
+                           [&](std::int64_t t) { return &p.v(seq.batch, seq.k_start + t0 + t, kv, 0); });
+            }
+          }
+          if (!dot16) {
+            value_tile<rows_now>(w.scores.data(), w.v_chunk.data(), common, dp, rows_o);
+            for (std::int64_t y = 0; y < count; ++y)
+              value_tail(w.scores.data() + y * tile::chunk_keys, common, valid[y], d, rows_o[y],
+                         [&](std::int64_t t) { return w.v_chunk.data() + t * dp; });
           }
         });
       }
@@ -287,10 +358,7 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
     for (std::int64_t x = 0; x < d; ++x) o[x] *= inv;
     narrow_row<T>(o, &p.out(seq.batch, t, h, 0), d);
     if (p.lse.given()) p.lse(seq.batch, t, h) = static_cast<accum_t<T>>(w.m[r] + std::log(w.l[r]));
-    if (p.selected.given()) {
-      for (std::int64_t x = 0; x < p.selected.extent[3]; ++x)
-        p.selected(seq.batch, t, h, x) = x < w.count[r] ? static_cast<std::int32_t>(w.selection[r * top + x]) : -1;
-    }
+    if (p.selected.given()) write_selected(r, t, h);
   }
 }
 

@@ -19,7 +19,7 @@ struct tile_workspace {
   aligned_vector<A> o;             // [rows, Dp] running output
   std::vector<A> m, l;             // [rows] running max and sum of the online softmax
   std::vector<std::int64_t> pos;   // [rows] absolute position of each row's query
-  std::vector<std::int64_t> selection;  // [rows, width] selected blocks, ascending
+  std::vector<std::int64_t> selection;  // [rows, width] selected blocks, ascending (width <= blocks)
   std::vector<std::int64_t> count;      // [rows] blocks selected per row
   std::vector<A> score_scratch;          // top-n scratch
   std::vector<std::int64_t> block_rows;  // rows of each block, grouped by block (CSR)

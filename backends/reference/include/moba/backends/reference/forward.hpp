@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <moba/attention.hpp>
@@ -41,6 +42,9 @@ inline matrix block_means(const matrix& keys, std::int64_t block_size) {
   return means;
 }
 
+/// Per query of one head, the blocks it attends, ascending.
+using block_lists = std::vector<std::vector<std::int64_t>>;
+
 /// S(i) of SPEC §Blocks 5, ascending: the current block plus the top history blocks by `scores`.
 inline std::vector<std::int64_t> select_blocks(const double* scores, std::int64_t pos, std::int64_t block_size,
                                                std::int64_t top_k, bool full) {
@@ -54,39 +58,87 @@ inline std::vector<std::int64_t> select_blocks(const double* scores, std::int64_
   return index;
 }
 
-/// One query head of one sequence: the selection of each query (SPEC §Blocks) and the attention
-/// weights P `[q_len, k_len]` over its selected, causal keys, with their log-sum-exp.
+/// The gate of one query head (SPEC §Blocks 3–5): `means` are the block representatives (§Blocks 2).
+inline block_lists gate(const matrix& q, const matrix& means, std::int64_t q_len, std::int64_t k_len,
+                        std::int64_t block_size, std::int64_t top_k, bool full) {
+  const matrix scores = q * means.transpose();
+  block_lists blocks;
+  for (std::int64_t i = 0; i < q_len; ++i)
+    blocks.push_back(select_blocks(scores.row(i).data(), k_len - q_len + i, block_size, top_k, full));
+  return blocks;
+}
+
+/// A caller's selection (SPEC §Blocks 7, checked by detail::check_selection) of query head h of `seq`:
+/// each query's entries up to the first -1.
+template <class T>
+block_lists given_blocks(const core::fwd_params<T>& p, const sequence_info& seq, std::int64_t h) {
+  block_lists blocks(seq.q_len);
+  for (std::int64_t i = 0; i < seq.q_len; ++i)
+    for (std::int64_t w = 0; w < p.selection.extent[3]; ++w) {
+      const std::int32_t j = p.selection(seq.batch, seq.q_start + i, h, w);
+      if (j < 0) break;
+      blocks[i].push_back(j);
+    }
+  return blocks;
+}
+
+/// One query head of one sequence: the attention weights P `[q_len, k_len]` of each query over the
+/// keys of its blocks (causal inside the current block), zero elsewhere, with their log-sum-exp.
 struct head_attention {
-  std::vector<std::vector<std::int64_t>> blocks;  // per query, ascending
+  std::int64_t q_len, k_len, block_size;
+  block_lists blocks;  // per query, ascending
   matrix weights;
   std::vector<double> lse;
+
+  /// f(begin, end) for each range of keys query i attends: its blocks, cut at its position.
+  template <class F>
+  void for_each_range(std::int64_t i, F&& f) const {
+    const std::int64_t pos = k_len - q_len + i;
+    for (std::int64_t j : blocks[i]) f(core::block_begin(j, block_size), core::block_end(j, block_size, pos + 1));
+  }
+
+  /// P·V summed over each query's attended keys only. A key a query does not attend never meets it,
+  /// whatever its value holds (SPEC §Non-finite inputs); the dense product would make 0·inf = NaN.
+  matrix times(const matrix& v) const {
+    matrix o = matrix::Zero(q_len, v.cols());
+    for (std::int64_t i = 0; i < q_len; ++i)
+      for_each_range(i, [&](std::int64_t b, std::int64_t e) {
+        o.row(i) += weights.row(i).segment(b, e - b) * v.middleRows(b, e - b);
+      });
+    return o;
+  }
 };
 
-/// `means` are the block representatives the gate scores against (SPEC §Blocks 2).
-inline head_attention attend(const matrix& q, const matrix& k, const matrix& means, std::int64_t q_len,
-                             std::int64_t k_len, std::int64_t block_size, std::int64_t top_k, bool full, double scale) {
-  head_attention a;
-  const matrix gate = q * means.transpose();
+/// The weights of each query over the keys of `blocks` (SPEC §Attention). Only attended logits are
+/// read: a logit depends on its own query and key alone, so the others may hold anything.
+inline head_attention attend(const matrix& q, const matrix& k, block_lists blocks, std::int64_t k_len,
+                             std::int64_t block_size, double scale) {
+  const std::int64_t q_len = q.rows();
+  head_attention a{q_len, k_len, block_size, std::move(blocks), matrix::Zero(q_len, k_len), {}};
   const matrix logits = scale * (q * k.transpose());
-  a.weights = matrix::Zero(q_len, k_len);
   for (std::int64_t i = 0; i < q_len; ++i) {
-    const std::int64_t pos = k_len - q_len + i;
-    a.blocks.push_back(select_blocks(gate.row(i).data(), pos, block_size, top_k, full));
-    // Every key t of a selected block with t <= pos (causal inside the current block).
-    std::vector<std::int64_t> keys;
-    for (std::int64_t j : a.blocks.back())
-      for (std::int64_t t = core::block_begin(j, block_size); t < core::block_end(j, block_size, pos + 1); ++t)
-        keys.push_back(t);
     double max_logit = -std::numeric_limits<double>::infinity(), sum = 0;
-    for (std::int64_t t : keys) max_logit = std::max(max_logit, logits(i, t));
-    for (std::int64_t t : keys) sum += a.weights(i, t) = std::exp(logits(i, t) - max_logit);
+    a.for_each_range(i, [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t t = b; t < e; ++t) max_logit = std::max(max_logit, logits(i, t));
+    });
+    a.for_each_range(i, [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t t = b; t < e; ++t) sum += a.weights(i, t) = std::exp(logits(i, t) - max_logit);
+    });
     a.weights.row(i) /= sum;
     a.lse.push_back(max_logit + std::log(sum));
   }
   return a;
 }
 
-/// The forward pass of SPEC §Attention for every sequence and query head.
+/// Writes one query's blocks to a `selected` view: ascending, then -1 to the view's width.
+inline void write_selected(const tensor_view<std::int32_t, 4>& selected, std::int64_t batch, std::int64_t t,
+                           std::int64_t h, const std::vector<std::int64_t>& blocks) {
+  for (std::int64_t w = 0; w < selected.extent[3]; ++w)
+    selected(batch, t, h, w) = w < static_cast<std::int64_t>(blocks.size()) ? static_cast<std::int32_t>(blocks[w]) : -1;
+}
+
+/// The forward pass of SPEC §Attention for every sequence and query head: the gate's blocks or the
+/// caller's selection; with gate_only, the selection alone.
 template <class T>
 void forward(const core::fwd_params<T>& p) {
   for (std::int64_t s = 0; s < p.seqs.count; ++s) {
@@ -94,21 +146,20 @@ void forward(const core::fwd_params<T>& p) {
     if (seq.q_len == 0) continue;
     for (std::int64_t h = 0; h < p.q_heads; ++h) {
       const std::int64_t kv = p.kv_head(h);
+      const matrix q = head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h);
       const matrix k = head_rows(p.k, seq.batch, seq.k_start, seq.k_len, kv);
-      const head_attention a = attend(head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h), k,
-                                      block_means(k, p.block_size), seq.q_len, seq.k_len, p.block_size, p.top_k,
-                                      p.full, p.softmax_scale);
-      const matrix o = a.weights * head_rows(p.v, seq.batch, seq.k_start, seq.k_len, kv);
+      block_lists blocks = p.selection.given()
+                               ? given_blocks(p, seq, h)
+                               : gate(q, block_means(k, p.block_size), seq.q_len, seq.k_len, p.block_size, p.top_k, p.full);
+      if (p.selected.given())
+        for (std::int64_t i = 0; i < seq.q_len; ++i) write_selected(p.selected, seq.batch, seq.q_start + i, h, blocks[i]);
+      if (p.gate_only) continue;
+      const head_attention a = attend(q, k, std::move(blocks), seq.k_len, p.block_size, p.softmax_scale);
+      const matrix o = a.times(head_rows(p.v, seq.batch, seq.k_start, seq.k_len, kv));
       for (std::int64_t i = 0; i < seq.q_len; ++i) {
         const std::int64_t t = seq.q_start + i;
         for (std::int64_t d = 0; d < p.head_dim; ++d) p.out(seq.batch, t, h, d) = from_double<T>(o(i, d));
         if (p.lse.given()) p.lse(seq.batch, t, h) = static_cast<accum_t<T>>(a.lse[i]);
-        if (p.selected.given()) {
-          const auto& blocks = a.blocks[i];
-          for (std::int64_t w = 0; w < p.selected.extent[3]; ++w)
-            p.selected(seq.batch, t, h, w) =
-                w < static_cast<std::int64_t>(blocks.size()) ? static_cast<std::int32_t>(blocks[w]) : -1;
-        }
       }
     }
   }
@@ -128,14 +179,22 @@ void backward(const core::bwd_params<T>& p) {
       for (std::int64_t h = kv * (p.q_heads / p.kv_heads); h < (kv + 1) * (p.q_heads / p.kv_heads); ++h) {
         const matrix q = head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h);
         const matrix dout = head_rows(p.dout, seq.batch, seq.q_start, seq.q_len, h);
-        const matrix w =
-            attend(q, k, means, seq.q_len, seq.k_len, p.block_size, p.top_k, p.full, p.softmax_scale).weights;
-        const matrix o = w * v;
-        const Eigen::VectorXd delta = (dout.array() * o.array()).rowwise().sum();  // δ_i = dout_i · o_i
-        const matrix ds = w.array() * ((dout * v.transpose()).colwise() - delta).array();
-        const matrix dq = p.softmax_scale * (ds * k);
-        dk += p.softmax_scale * (ds.transpose() * q);
-        dv += w.transpose() * dout;
+        const head_attention a = attend(q, k, gate(q, means, seq.q_len, seq.k_len, p.block_size, p.top_k, p.full),
+                                        seq.k_len, p.block_size, p.softmax_scale);
+        const matrix o = a.times(v);
+        matrix dq = matrix::Zero(seq.q_len, p.head_dim);
+        // Over each query's attended keys only, like the forward: ds_t = p_t (dout_i · v_t − δ_i).
+        for (std::int64_t i = 0; i < seq.q_len; ++i) {
+          const double delta = dout.row(i).dot(o.row(i));  // δ_i = dout_i · o_i
+          a.for_each_range(i, [&](std::int64_t b, std::int64_t e) {
+            const Eigen::RowVectorXd w = a.weights.row(i).segment(b, e - b);
+            const Eigen::RowVectorXd ds =
+                w.array() * ((dout.row(i) * v.middleRows(b, e - b).transpose()).array() - delta);
+            dq.row(i) += p.softmax_scale * ds * k.middleRows(b, e - b);
+            dk.middleRows(b, e - b) += p.softmax_scale * ds.transpose() * q.row(i);
+            dv.middleRows(b, e - b) += w.transpose() * dout.row(i);
+          });
+        }
         for (std::int64_t i = 0; i < seq.q_len; ++i)
           for (std::int64_t d = 0; d < p.head_dim; ++d) p.dq(seq.batch, seq.q_start + i, h, d) = from_double<T>(dq(i, d));
       }
@@ -182,14 +241,12 @@ void decode(const core::decode_params<T>& p) {
         for (std::int64_t d = 0; d < p.head_dim; ++d) means(j, d) = to_double(p.block_key_sums(b, j, kv, d)) / count;
       }
       for (std::int64_t d = 0; d < p.head_dim; ++d) q(0, d) = to_double(p.q(b, 0, h, d));
-      const head_attention a = attend(q, k, means, 1, len, p.block_size, p.top_k, p.full, p.softmax_scale);
-      const matrix o = a.weights * v;
+      const head_attention a =
+          attend(q, k, gate(q, means, 1, len, p.block_size, p.top_k, p.full), len, p.block_size, p.softmax_scale);
+      const matrix o = a.times(v);
       for (std::int64_t d = 0; d < p.head_dim; ++d) p.out(b, 0, h, d) = from_double<T>(o(0, d));
       if (p.lse.given()) p.lse(b, 0, h) = static_cast<accum_t<T>>(a.lse[0]);
-      if (p.selected.given()) {
-        for (std::int64_t w = 0; w < p.selected.extent[3]; ++w)
-          p.selected(b, 0, h, w) = w < static_cast<std::int64_t>(a.blocks[0].size()) ? static_cast<std::int32_t>(a.blocks[0][w]) : -1;
-      }
+      if (p.selected.given()) write_selected(p.selected, b, 0, h, a.blocks[0]);
     }
   }
 }
@@ -198,6 +255,8 @@ void decode(const core::decode_params<T>& p) {
 
 namespace moba {
 
+/// The float64 oracle. Stateless: forward, backward and decode are const, so any number of threads may
+/// call one object at once, each call with its own outputs (SPEC §Threads).
 template <class Dtype>
 struct backend_impl<reference, Dtype> {
   static constexpr const char* name = "moba::reference";
@@ -208,6 +267,12 @@ struct backend_impl<reference, Dtype> {
   static bool supports_head_dim(std::int64_t) { return true; }
   static std::string head_dims() { return "any"; }
 
+  /// forward: the caller's selection, if given, is checked entry by entry (SPEC §Blocks 7); the
+  /// gate alone needs no O(N²) matrices.
+  void check(const core::fwd_params<Dtype>& p) const {
+    if (p.selection.given()) detail::check_selection(p);
+    if (!p.gate_only) check(static_cast<const core::problem<Dtype>&>(p));
+  }
   void check(const core::problem<Dtype>& p) const {
     for (std::int64_t s = 0; s < p.seqs.count; ++s) {
       const sequence_info seq = p.seqs[s];
