@@ -17,6 +17,6 @@ cmake --build "$build" -j16 --target test_cuda ${BUILD_BENCH:+moba_bench_cuda} >
 echo "== test_cuda (sm_$arch)"
 "$build/tests/cuda/test_cuda" 2>&1 | tee "$out/test-$arch.log" | tail -25
 echo "== memcheck"
-compute-sanitizer --tool memcheck --error-exitcode 9 "$build/tests/cuda/test_cuda" -tc='*GQA*,*workspace*,*work items*,*device offsets*,*hostile*,*selection*,*graph*,*two threads*' 2>&1 | tee "$out/memcheck-$arch.log" | tail -6
+compute-sanitizer --tool memcheck --error-exitcode 9 "$build/tests/cuda/test_cuda" -tc='*GQA*,*workspace*,*work items*,*device offsets*,*hostile*,*selection*,*graph*,*two threads*,*NaN*,*denormal*' 2>&1 | tee "$out/memcheck-$arch.log" | tail -6
 echo "== racecheck"
-compute-sanitizer --tool racecheck --error-exitcode 9 "$build/tests/cuda/test_cuda" -tc='*GQA*,*work items*,*device offsets*,*selection*' 2>&1 | tee "$out/racecheck-$arch.log" | tail -6
+compute-sanitizer --tool racecheck --error-exitcode 9 "$build/tests/cuda/test_cuda" -tc='*GQA*,*work items*,*device offsets*,*selection*,*NaN*' 2>&1 | tee "$out/racecheck-$arch.log" | tail -6

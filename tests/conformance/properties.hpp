@@ -86,6 +86,12 @@ inline bool selects(const std::vector<std::int32_t>& selected, std::int64_t widt
 /// with the original finite row (where its selection is unchanged), and what the reference gets on the
 /// poisoned inputs, finite, within SPEC's bound. The token sits 37 keys into block 2 (B = 64), so the
 /// queries before it in its block share its CPU tile and key chunk and mask it.
+/// A small head dim the backend supports (moba::cuda has 64 and 128 only): small problems everywhere.
+template <class Backend, class T>
+std::int64_t small_head_dim() {
+  return backend_impl<Backend, T>::supports_head_dim(32) ? 32 : 64;
+}
+
 template <class Backend, class T>
 void expect_nonfinite_contained(bool in_key, double value, const config& cfg) {
   const std::uint64_t seed = replayable_seed();
@@ -94,7 +100,7 @@ void expect_nonfinite_contained(bool in_key, double value, const config& cfg) {
   CAPTURE(value);
   CAPTURE(cfg.top_k);
   CAPTURE(static_cast<int>(cfg.mode));
-  const shape s{{300, 250}, {300, 300}, 4, 2, 32};
+  const shape s{{300, 250}, {300, 300}, 4, 2, small_head_dim<Backend, T>()};
   const std::int64_t at = 165, poisoned_block = at / cfg.block_size, group = s.hq / s.hkv;
   const tensors<T> clean = random_tensors<T>(s, seed);
   tensors<T> t = clean;
@@ -300,9 +306,9 @@ void expect_concurrent_calls_match_serial(int threads, int rounds) {
 // ---- SPEC §Blocks 7: a selection passed in, and the gate alone -------------------------------
 
 /// Two sequences (one with q_len < k_len), GQA, B = 32: enough blocks for selections to differ.
-template <class T>
+template <class Backend, class T>
 tensors<T> selection_problem(std::uint64_t seed) {
-  return random_tensors<T>({{200, 70}, {200, 230}, 4, 2, 32}, seed);
+  return random_tensors<T>({{200, 70}, {200, 230}, 4, 2, small_head_dim<Backend, T>()}, seed);
 }
 
 /// A valid selection `width` wide for every query and head of `t`: a random subset of the query's
@@ -345,7 +351,7 @@ void expect_selection_round_trip(mode m) {
   const std::uint64_t seed = replayable_seed();
   CAPTURE(seed);
   CAPTURE(static_cast<int>(m));
-  const tensors<T> t = selection_problem<T>(seed);
+  const tensors<T> t = selection_problem<Backend, T>(seed);
   config cfg;
   cfg.block_size = 32;
   cfg.top_k = 3;
@@ -376,7 +382,7 @@ template <class Backend, class T>
 void expect_given_selection_attended() {
   const std::uint64_t seed = replayable_seed();
   CAPTURE(seed);
-  const tensors<T> t = selection_problem<T>(seed);
+  const tensors<T> t = selection_problem<Backend, T>(seed);
   config cfg;
   cfg.block_size = 32;
   cfg.top_k = 2;
@@ -391,7 +397,7 @@ void expect_given_selection_attended() {
   }
   const outputs<T> all = run_given<Backend, T>(t, cfg, random_selection(t, cfg.block_size, width, 1.0, rng), width);
   std::vector<double> dense_out, dense_lse;
-  dense_causal(widen(t), 1.0 / std::sqrt(32.0), dense_out, dense_lse);
+  dense_causal(widen(t), 1.0 / std::sqrt(static_cast<double>(t.s.d)), dense_out, dense_lse);
   CHECK(rel_error(all.out, dense_out) <= output_bound<T>());
   CHECK(rel_error(all.lse, dense_lse) <= output_bound<T>());
 }
@@ -402,7 +408,7 @@ template <class Backend, class T>
 void expect_bad_selection_refused() {
   const std::uint64_t seed = replayable_seed();
   CAPTURE(seed);
-  const tensors<T> t = selection_problem<T>(seed);
+  const tensors<T> t = selection_problem<Backend, T>(seed);
   config cfg;
   cfg.block_size = 32;
   const std::int64_t width = max_blocks(t, cfg.block_size) + 1;

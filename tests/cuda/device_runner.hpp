@@ -54,11 +54,15 @@ struct device_copy {
 
 template <class T>
 struct runner<cuda, T> {
-  static void forward(attention<cuda, T>& attn, const forward_args<T>& a) {
+  static void forward(attention<cuda, T>& attn, const forward_args<T>& a) { call(attn, a, false); }
+  static void gate(attention<cuda, T>& attn, const forward_args<T>& a) { call(attn, a, true); }
+
+  static void call(attention<cuda, T>& attn, const forward_args<T>& a, bool gate_only) {
     device_copy q(a.q), k(a.k), v(a.v);
     device_copy out(a.out);
     device_copy lse(a.lse);
     device_copy sel(a.selected);
+    device_copy given(a.selection);
     forward_args<T> d = a;
     d.q = q.view();
     d.k = k.view();
@@ -66,7 +70,12 @@ struct runner<cuda, T> {
     d.out = out.view();
     d.lse = lse.view();
     d.selected = sel.view();
-    attn.forward(d);
+    d.selection = given.view();
+    if (gate_only) {
+      attn.gate(d);
+    } else {
+      attn.forward(d);
+    }
     MOBA_CUDA_CHECK(cudaStreamSynchronize(attn.backend().stream()));
     MOBA_CUDA_CHECK(cudaGetLastError());
     out.copy_back();

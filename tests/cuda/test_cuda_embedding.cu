@@ -219,6 +219,14 @@ TEST_CASE("moba::cuda: a call with device offsets captured in a CUDA graph repla
   auto b = direct.args();
   b.device_seqlens = offsets.get();
   device_buffer ws(attn.workspace_size(a));
+  // The size follows from shapes and bounds alone, before any tensor exists.
+  moba::backends::cuda::workspace_shape shape{t.total_q(), t.total_k(), 2, 500, 700, 4, 2, 128, cfg.block_size, cfg.top_k};
+  CHECK(moba::backend_impl<moba::cuda, T>::workspace_size(shape) == ws.bytes);
+  // A workspace that is too small or not 256-byte aligned is refused before anything is enqueued.
+  CHECK_THROWS_WITH_AS(attn.forward(a, {nullptr, ws.data, ws.bytes - 1}), doctest::Contains("is too small"),
+                       moba::invalid_argument);
+  CHECK_THROWS_WITH_AS(attn.forward(a, {nullptr, static_cast<char*>(ws.data) + 128, ws.bytes - 128}),
+                       doctest::Contains("not 256-byte aligned"), moba::invalid_argument);
   cudaStream_t stream = nullptr;
   MOBA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cudaGraph_t graph = nullptr;

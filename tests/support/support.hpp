@@ -12,6 +12,7 @@
 #include <set>
 #include <vector>
 
+#include <doctest/doctest.h>
 #include <moba/moba.hpp>
 
 namespace moba::test {
