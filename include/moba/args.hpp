@@ -60,6 +60,9 @@ struct backward_args {
   view4<Dtype> dv;                           // like v
   std::span<const std::int32_t> cu_seqlens_q = {};
   std::span<const std::int32_t> cu_seqlens_k = {};
+  /// Optional `[batch, q_tokens, Hq, width]`: the forward's `selected` (or the selection it was given),
+  /// held fixed (SPEC §Blocks 6, 7). Without it the backend recomputes the gate, with the same result.
+  tensor_view<const std::int32_t, 4> selection = {};
 };
 
 /// One decode step (SPEC §Decode with a KV cache): each sequence's new token is appended to the

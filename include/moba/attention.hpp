@@ -67,14 +67,14 @@ class attention {
     return impl_.workspace_size(forward_params(a, false));
   }
 
-  /// Computes dq, dk, dv (SPEC §Backward). Checked like forward; available on backends that
-  /// implement it (today: moba::reference), a compile-time error elsewhere.
+  /// Computes dq, dk, dv (SPEC §Backward) with the selection held fixed: `a.selection` (the forward's
+  /// `selected`) or the gate recomputed. Checked like forward; available on backends that implement
+  /// it (moba::reference, moba::cpu), a compile-time error elsewhere.
   void backward(const backward_args<Dtype>& a) {
     using impl = backend_impl<Backend, Dtype>;
     static_assert(requires(impl& b, const core::bwd_params<Dtype>& p) { b.backward(p); },
                   "moba: this backend has no backward pass yet");
-    const core::bwd_params<Dtype> p = detail::make_bwd_params<Dtype>(
-        cfg_, a.q, a.k, a.v, a.out, a.dout, a.lse, a.dq, a.dk, a.dv, a.cu_seqlens_q, a.cu_seqlens_k);
+    const core::bwd_params<Dtype> p = detail::make_bwd_params<Dtype>(cfg_, a);
     require_head_dim(p.head_dim);
     impl_.check(p);
     impl_.backward(p);

@@ -27,12 +27,6 @@
 
 namespace moba::test {
 
-/// fresh_seed(), or MOBA_TEST_SEED when set, to replay a failure.
-inline std::uint64_t replayable_seed() {
-  if (const char* s = std::getenv("MOBA_TEST_SEED")) return std::strtoull(s, nullptr, 0);
-  return fresh_seed();
-}
-
 /// Poisoned outputs of a call, with a selection view `width` entries wide (0: none).
 template <class T>
 outputs<T> poisoned_outputs(const tensors<T>& t, std::int64_t width) {

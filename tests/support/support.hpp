@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -50,6 +51,12 @@ std::vector<T> random_values(std::size_t n, std::mt19937_64& rng, double scale =
 }
 
 inline std::uint64_t fresh_seed() { return std::random_device{}() * 0x9E3779B97F4A7C15ull + std::random_device{}(); }
+
+/// fresh_seed(), or MOBA_TEST_SEED when set, to replay a failure.
+inline std::uint64_t replayable_seed() {
+  if (const char* s = std::getenv("MOBA_TEST_SEED")) return std::strtoull(s, nullptr, 0);
+  return fresh_seed();
+}
 
 template <class T>
 tensors<T> random_tensors(const shape& s, std::uint64_t seed) {
@@ -162,6 +169,15 @@ double rel_error(const std::vector<A>& a, const std::vector<B>& b, std::size_t r
   }
   const double excess = std::max(0.0, std::sqrt(num) - denormal_spacing<A>() * std::sqrt(n));
   return den == 0 ? excess : excess / std::sqrt(den);
+}
+
+/// SPEC §Precision: bounds on dq, dk and dv.
+template <class T>
+constexpr double gradient_bound() {
+  if constexpr (std::is_same_v<T, double>) return 1e-10;
+  if constexpr (std::is_same_v<T, float>) return 1e-5;
+  if constexpr (std::is_same_v<T, float16>) return 5e-3;
+  return 2e-2;
 }
 
 /// SPEC §Precision: bounds on outputs and lse.

@@ -54,6 +54,7 @@ struct bwd_params : problem<T> {
   view4<T> dq;                           // like q
   view4<T> dk;                           // like k; sums over the query heads of each kv head
   view4<T> dv;                           // like v; likewise
+  tensor_view<const std::int32_t, 4> selection;  // optional, as fwd_params::selection
 };
 
 /// SPEC §Decode: one new token per sequence, appended to a paged cache, then attended.

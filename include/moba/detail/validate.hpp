@@ -240,6 +240,14 @@ inline void require_disjoint(std::initializer_list<std::pair<byte_span, const ch
   }
 }
 
+/// A selection input (SPEC §Blocks 7), when given, is `[batch, q_tokens, Hq, width >= 1]` like q.
+template <class T>
+void require_selection_shape(const tensor_view<const std::int32_t, 4>& g, const view4<const T>& q, std::int64_t q_heads) {
+  if (!g.given()) return;
+  require(g.extent[0] == q.extent[0] && g.extent[1] == q.extent[1] && g.extent[2] == q_heads && g.extent[3] >= 1,
+          "selection has shape ", shape_of(g), "; expected [", q.extent[0], ", ", q.extent[1], ", ", q_heads, ", width >= 1]");
+}
+
 /// Validates every argument of a forward call (attention::gate: `gate_only`, no out or lse) and
 /// returns its parameters. Throws moba::invalid_argument.
 template <class T>
@@ -266,13 +274,8 @@ core::fwd_params<T> make_fwd_params(const config& cfg, const forward_args<T>& a,
   p.selection = a.selection;
   p.gate_only = gate_only;
   require_optional_outputs(a.lse, a.selected, a.q.extent[0], a.q.extent[1], p.q_heads, needed_width(p, p.seqs.max_k_len));
-  if (a.selection.given()) {
-    require(!a.selected.given(), "give selection (an input) or selected (an output), not both");
-    const auto& g = a.selection;
-    require(g.extent[0] == a.q.extent[0] && g.extent[1] == a.q.extent[1] && g.extent[2] == p.q_heads && g.extent[3] >= 1,
-            "selection has shape ", shape_of(g), "; expected [", a.q.extent[0], ", ", a.q.extent[1], ", ", p.q_heads,
-            ", width >= 1]");
-  }
+  if (a.selection.given()) require(!a.selected.given(), "give selection (an input) or selected (an output), not both");
+  require_selection_shape(a.selection, a.q, p.q_heads);
   const auto [cu_q_bytes, cu_k_bytes] = offset_spans(a.cu_seqlens_q, a.cu_seqlens_k, a.device_seqlens);
   require_disjoint({{out_bytes, "out"}, {lse_bytes, "lse"}, {sel_bytes, "selected"}},
                    {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}, {given_bytes, "selection"},
@@ -282,9 +285,10 @@ core::fwd_params<T> make_fwd_params(const config& cfg, const forward_args<T>& a,
 
 /// The entries of a host selection input (SPEC §Blocks 7): per query and head, ascending blocks in
 /// [0, current block], the current block among them, then only -1 padding. Throws naming the first
-/// bad entry. Backends that read the selection from host memory call it in check().
-template <class T>
-void check_selection(const core::fwd_params<T>& p) {
+/// bad entry. Backends that read the selection from host memory call it in check() (forward and
+/// backward parameters alike).
+template <class Params>
+void check_selection(const Params& p) {
   const auto& g = p.selection;
   for (std::int64_t s = 0; s < p.seqs.count; ++s) {
     const sequence_info seq = p.seqs[s];
@@ -311,14 +315,13 @@ void check_selection(const core::fwd_params<T>& p) {
 
 /// Validates every argument of a backward call and returns its parameters. Throws moba::invalid_argument.
 template <class T>
-core::bwd_params<T> make_bwd_params(const config& cfg, view4<const T> q, view4<const T> k, view4<const T> v,
-                                    view4<const T> out, view4<const T> dout, tensor_view<const accum_t<T>, 3> lse,
-                                    view4<T> dq, view4<T> dk, view4<T> dv, std::span<const std::int32_t> cu_q,
-                                    std::span<const std::int32_t> cu_k) {
+core::bwd_params<T> make_bwd_params(const config& cfg, const backward_args<T>& a) {
+  const auto& [q, k, v, out, dout, lse, dq, dk, dv, cu_q, cu_k, given] = a;
   const byte_span q_bytes = checked_span(q, "q"), k_bytes = checked_span(k, "k"), v_bytes = checked_span(v, "v");
   const byte_span out_bytes = checked_span(out, "out"), dout_bytes = checked_span(dout, "dout");
   const byte_span lse_bytes = checked_span(lse, "lse");
   const byte_span dq_bytes = checked_span(dq, "dq"), dk_bytes = checked_span(dk, "dk"), dv_bytes = checked_span(dv, "dv");
+  const byte_span given_bytes = checked_span(given, "selection");
   core::bwd_params<T> p;
   static_cast<core::problem<T>&>(p) = make_problem(cfg, q, k, v, cu_q, cu_k);
   require(out.given() && lse.given(), "backward needs the forward's out and lse");
@@ -337,12 +340,15 @@ core::bwd_params<T> make_bwd_params(const config& cfg, view4<const T> q, view4<c
   p.dq = dq;
   p.dk = dk;
   p.dv = dv;
+  require_selection_shape(given, q, p.q_heads);
+  p.selection = given;
   require_distinct_elements(dq, "dq");
   require_distinct_elements(dk, "dk");
   require_distinct_elements(dv, "dv");
   require_disjoint({{dq_bytes, "dq"}, {dk_bytes, "dk"}, {dv_bytes, "dv"}},
                    {{q_bytes, "q"}, {k_bytes, "k"}, {v_bytes, "v"}, {out_bytes, "out"}, {dout_bytes, "dout"},
-                    {lse_bytes, "lse"}, {span_of(cu_q), "cu_seqlens_q"}, {span_of(cu_k), "cu_seqlens_k"}});
+                    {lse_bytes, "lse"}, {given_bytes, "selection"}, {span_of(cu_q), "cu_seqlens_q"},
+                    {span_of(cu_k), "cu_seqlens_k"}});
   return p;
 }
 

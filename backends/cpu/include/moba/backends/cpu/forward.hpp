@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <moba/attention.hpp>
+#include <moba/backends/cpu/backward.hpp>
 #include <moba/backends/cpu/kernel.hpp>
 #include <moba/backends/cpu/simd.hpp>
 #include <moba/backends/cpu/threads.hpp>
@@ -24,12 +25,6 @@ namespace moba::backends::cpu {
 /// Options of the CPU backend: `threads` = 0 uses oneTBB's default (every core).
 struct options {
   int threads = 0;
-};
-
-/// A query tile of one kv-head group of one sequence, with its estimated cost for scheduling.
-struct work_item {
-  std::int64_t seq, kv, i0, i1;
-  double cost;
 };
 
 /// Serialises the calls on one backend object. Copies and moves get a mutex of their own (the state
@@ -113,6 +108,8 @@ struct backend_impl<cpu, Dtype> {
   static constexpr const char* name = "moba::cpu";
   backends::cpu::options opts;
   backends::cpu::forward_state<accum_t<Dtype>> state;
+  backends::cpu::backward_state<accum_t<Dtype>> backward_state;
+  std::vector<std::int32_t> recomputed;  // the gate's selection when backward is given none
   backends::cpu::thread_pool pool;
   backends::cpu::call_mutex calls;
 
@@ -126,6 +123,29 @@ struct backend_impl<cpu, Dtype> {
   void forward(const core::fwd_params<Dtype>& p) {
     const std::lock_guard<std::mutex> lock(calls.mutex);
     pool.run([&] { backends::cpu::forward(p, state); });
+  }
+  void check(const core::bwd_params<Dtype>& p) const {
+    if (p.selection.given()) detail::check_selection(p);
+  }
+  /// The selection held fixed is the caller's or the forward's gate run again (the same kernel, so
+  /// the same blocks); full mode needs none stored.
+  void backward(const core::bwd_params<Dtype>& p) {
+    const std::lock_guard<std::mutex> lock(calls.mutex);
+    pool.run([&] {
+      tensor_view<const std::int32_t, 4> selection = p.selection;
+      if (!selection.given() && !p.full && p.seqs.max_k_len > 0) {
+        core::fwd_params<Dtype> gate;
+        static_cast<core::problem<Dtype>&>(gate) = p;
+        gate.gate_only = true;
+        const std::int64_t width = core::selection_width(
+            core::current_block(p.seqs.max_k_len - 1, p.block_size), p.top_k, false);
+        recomputed.resize(p.q.extent[0] * p.q.extent[1] * p.q_heads * width);
+        gate.selected = moba::selection(recomputed.data(), p.q.extent[0], p.q.extent[1], p.q_heads, width);
+        backends::cpu::forward(gate, state);
+        selection = gate.selected;
+      }
+      backends::cpu::backward(p, selection, backward_state);
+    });
   }
 };
 

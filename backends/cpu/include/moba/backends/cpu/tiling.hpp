@@ -30,6 +30,12 @@ inline std::int64_t query_tile_tokens(std::int64_t block_size, std::int64_t grou
   return block_size >= target ? target : block_size * (target / block_size);
 }
 
+/// A query tile of one kv-head group of one sequence, with its estimated cost for scheduling.
+struct work_item {
+  std::int64_t seq, kv, i0, i1;
+  double cost;
+};
+
 /// Head dim rounded up to whole SIMD vectors; the padding lanes hold zeros.
 template <class A>
 std::int64_t padded_dim(std::int64_t d) {

@@ -70,8 +70,8 @@ inline block_lists gate(const matrix& q, const matrix& means, std::int64_t q_len
 
 /// A caller's selection (SPEC §Blocks 7, checked by detail::check_selection) of query head h of `seq`:
 /// each query's entries up to the first -1.
-template <class T>
-block_lists given_blocks(const core::fwd_params<T>& p, const sequence_info& seq, std::int64_t h) {
+template <class Params>
+block_lists given_blocks(const Params& p, const sequence_info& seq, std::int64_t h) {
   block_lists blocks(seq.q_len);
   for (std::int64_t i = 0; i < seq.q_len; ++i)
     for (std::int64_t w = 0; w < p.selection.extent[3]; ++w) {
@@ -179,8 +179,9 @@ void backward(const core::bwd_params<T>& p) {
       for (std::int64_t h = kv * (p.q_heads / p.kv_heads); h < (kv + 1) * (p.q_heads / p.kv_heads); ++h) {
         const matrix q = head_rows(p.q, seq.batch, seq.q_start, seq.q_len, h);
         const matrix dout = head_rows(p.dout, seq.batch, seq.q_start, seq.q_len, h);
-        const head_attention a = attend(q, k, gate(q, means, seq.q_len, seq.k_len, p.block_size, p.top_k, p.full),
-                                        seq.k_len, p.block_size, p.softmax_scale);
+        block_lists blocks = p.selection.given() ? given_blocks(p, seq, h)
+                                                 : gate(q, means, seq.q_len, seq.k_len, p.block_size, p.top_k, p.full);
+        const head_attention a = attend(q, k, std::move(blocks), seq.k_len, p.block_size, p.softmax_scale);
         const matrix o = a.times(v);
         matrix dq = matrix::Zero(seq.q_len, p.head_dim);
         // Over each query's attended keys only, like the forward: ds_t = p_t (dout_i · v_t − δ_i).
@@ -272,6 +273,10 @@ struct backend_impl<reference, Dtype> {
   void check(const core::fwd_params<Dtype>& p) const {
     if (p.selection.given()) detail::check_selection(p);
     if (!p.gate_only) check(static_cast<const core::problem<Dtype>&>(p));
+  }
+  void check(const core::bwd_params<Dtype>& p) const {
+    if (p.selection.given()) detail::check_selection(p);
+    check(static_cast<const core::problem<Dtype>&>(p));
   }
   void check(const core::problem<Dtype>& p) const {
     for (std::int64_t s = 0; s < p.seqs.count; ++s) {
