@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-/// @file Attended query-key pairs and FLOPs of a forward pass, known without running it.
+/// @file Attended query-key pairs and FLOPs of a forward or backward pass, known without running it.
 #pragma once
 
 #include <cstdint>
@@ -30,5 +30,9 @@ inline std::int64_t attended_pairs(std::int64_t q_len, std::int64_t k_len, std::
 inline double forward_flops(std::int64_t pairs, std::int64_t head_dim) {
   return 4.0 * static_cast<double>(pairs) * static_cast<double>(head_dim);
 }
+
+/// Backward FLOPs: 2.5× the forward's (q·k, dout·v, dv, dk and dq products; flash-attention's
+/// convention), whatever a backend recomputes beyond them.
+inline double backward_flops(std::int64_t pairs, std::int64_t head_dim) { return 2.5 * forward_flops(pairs, head_dim); }
 
 }  // namespace moba::core
