@@ -341,16 +341,18 @@ outputs<T> run_given(const tensors<T>& t, const config& cfg, const std::vector<s
 /// A call's own `selected` passed back gives that call's out and lse bit for bit; the gate alone
 /// (no out, no lse) writes that same selection.
 template <class Backend, class T>
-void expect_selection_round_trip(mode m) {
+void expect_selection_round_trip(mode m, bool at_top_k = false) {
   const std::uint64_t seed = replayable_seed();
   CAPTURE(seed);
   CAPTURE(static_cast<int>(m));
+  CAPTURE(at_top_k);
   const tensors<T> t = selection_problem<Backend, T>(seed);
   config cfg;
   cfg.block_size = 32;
   cfg.top_k = 3;
   cfg.mode = m;
-  const std::int64_t width = max_blocks(t, cfg.block_size);
+  // The selection as wide as the longest sequence's blocks, or (sparse) as wide as top_k.
+  const std::int64_t width = at_top_k ? cfg.top_k : max_blocks(t, cfg.block_size);
   const outputs<T> first = run_width<Backend, T>(t, cfg, width);
   REQUIRE(std::none_of(first.selected.begin(), first.selected.end(), [](std::int32_t j) { return j < -1; }));
   config other = cfg;  // top_k and mode do not apply to a selection passed in
@@ -448,6 +450,7 @@ template <class Backend, class T>
 void suite_selection_input() {
   expect_selection_round_trip<Backend, T>(mode::sparse);
   expect_selection_round_trip<Backend, T>(mode::full);
+  expect_selection_round_trip<Backend, T>(mode::sparse, true);
   expect_given_selection_attended<Backend, T>();
   expect_bad_selection_refused<Backend, T>();
 }
