@@ -6,6 +6,7 @@
 
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -66,17 +67,19 @@ bool same_bits(const gradients<T>& a, const gradients<T>& b) {
 /// One problem: Backend's forward then backward, the latter with its forward's selection passed in
 /// and with the gate recomputed (bit for bit the same), against the reference's backward in double
 /// on the same inputs and that selection (so that a near-tie the fp32 gate flips cannot matter).
+/// `dout_scale` scales the output gradient (2^-128: denormal in float and bfloat16, SPEC §Precision).
 template <class Backend, class T>
-void expect_backward_matches_reference(const shape& s, const config& cfg) {
+void expect_backward_matches_reference(const shape& s, const config& cfg, double dout_scale = 1.0) {
   const std::uint64_t seed = replayable_seed();
   CAPTURE(seed);
   CAPTURE(s.d);
   CAPTURE(cfg.block_size);
   CAPTURE(cfg.top_k);
   CAPTURE(static_cast<int>(cfg.mode));
+  CAPTURE(dout_scale);
   const tensors<T> t = random_tensors<T>(s, seed);
   std::mt19937_64 rng(seed + 1);
-  const std::vector<T> dout = random_values<T>(t.q.size(), rng);
+  const std::vector<T> dout = random_values<T>(t.q.size(), rng, dout_scale);
   const outputs<T> fwd = run<Backend, T>(t, cfg);
   const gradients<T> got = run_backward<Backend, T>(t, cfg, fwd, dout, &fwd.selected);
   CHECK(same_bits(got, run_backward<Backend, T>(t, cfg, fwd, dout, nullptr)));
@@ -115,6 +118,16 @@ void suite_backward_matches_reference() {
         cfg.mode = m;
         expect_backward_matches_reference<Backend, T>({{0, 5, 300, 70}, {0, 5, 300, 200}, 4, 2, d}, cfg);
       }
+}
+
+/// Denormal output gradients (every gradient then lies in or near the denormal range): no fast
+/// path may flush them (x86's vdpbf16ps would).
+template <class Backend, class T>
+void expect_backward_denormals() {
+  config cfg;
+  cfg.block_size = 32;
+  cfg.top_k = 3;
+  expect_backward_matches_reference<Backend, T>({{200, 70}, {200, 230}, 4, 2, 64}, cfg, std::ldexp(1.0, -128));
 }
 
 /// A bad selection entry is refused, naming it.

@@ -10,6 +10,10 @@ TEST_CASE_TEMPLATE("moba::cpu backward matches the reference (head dims 16-128, 
   moba::test::suite_backward_matches_reference<moba::cpu, T>();
 }
 
+TEST_CASE_TEMPLATE("moba::cpu backward: denormal output gradients are within SPEC's bound", T, float, moba::bfloat16) {
+  moba::test::expect_backward_denormals<moba::cpu, T>();
+}
+
 TEST_CASE_TEMPLATE("moba::cpu backward refuses a bad selection", T, float, moba::bfloat16) {
   moba::test::expect_backward_refuses_bad_selection<moba::cpu, T>();
 }

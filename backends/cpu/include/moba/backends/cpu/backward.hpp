@@ -15,6 +15,7 @@
 
 #include <xsimd/xsimd.hpp>
 
+#include <moba/backends/cpu/dot_bf16.hpp>
 #include <moba/backends/cpu/kernel.hpp>
 #include <moba/backends/cpu/simd.hpp>
 #include <moba/backends/cpu/threads.hpp>
@@ -37,6 +38,11 @@ struct backward_workspace {
   aligned_vector<A> s, ds;             // [tile rows, chunk] P and dS of one register tile
   aligned_vector<A> chunk_lse, chunk_delta, chunk_pos;  // [chunk] per row of a chunk (key pass)
   std::vector<A> lse, delta;                            // [rows] (query pass)
+  // bf16 inputs on AVX512-BF16 (dot_bf16.hpp): bf16 bits, rows padded to Dp, or the pair layouts.
+  aligned_vector<std::uint16_t> q16, dout16;           // [rows, Dp] (query pass)
+  aligned_vector<std::uint16_t> k16, v16, k_value16;   // key chunk: kᵀ, vᵀ as keys, k as values
+  aligned_vector<std::uint16_t> keys16, values16;      // [block, Dp] (key pass)
+  aligned_vector<std::uint16_t> qT16, doutT16, q_value16, dout_value16;  // a chunk of rows (key pass)
   std::vector<std::int64_t> pos, block_rows, block_start, chunk_rows;
 };
 
@@ -117,8 +123,28 @@ void key_block_grad(const core::bwd_params<T>& p, const A* delta, const sequence
   grow(w.chunk_pos, chunk);
   std::fill_n(w.dk.data(), keys * dp, A(0));
   std::fill_n(w.dv.data(), keys * dp, A(0));
-  // Keys a row cannot see (past every row's position) get zero gradients; the rest are widened.
+  // Keys a row cannot see (past every row's position) get zero gradients; the rest are widened (and
+  // for bf16 dot products kept as bits, unless a value is too small for vdpbf16ps).
   const std::int64_t seen = n == 0 ? 0 : std::min(keys, seq.pos(row(n - 1) / group) - b + 1);
+  bool block_dot16 = false;
+  if constexpr (bf16_dot<T, A>) {
+    grow(w.keys16, keys * dp);
+    grow(w.values16, keys * dp);
+    grow(w.qT16, dp * chunk);
+    grow(w.doutT16, dp * chunk);
+    grow(w.q_value16, chunk * dp);
+    grow(w.dout_value16, chunk * dp);
+    block_dot16 = true;
+    for (std::int64_t t = 0; t < seen; ++t) {
+      const T* key = &p.k(seq.batch, seq.k_start + b + t, kv, 0);
+      const T* value = &p.v(seq.batch, seq.k_start + b + t, kv, 0);
+      for (std::int64_t x = 0; x < dp; ++x) {
+        w.keys16[t * dp + x] = x < d ? key[x].bits : 0;
+        w.values16[t * dp + x] = x < d ? value[x].bits : 0;
+      }
+      block_dot16 = block_dot16 && !bf16::has_tiny(key, d) && !bf16::has_tiny(value, d);
+    }
+  }
   for (std::int64_t t = 0; t < seen; ++t) {
     widen_row<A>(&p.k(seq.batch, seq.k_start + b + t, kv, 0), w.keys.data() + t * dp, d, dp);
     widen_row<A>(&p.v(seq.batch, seq.k_start + b + t, kv, 0), w.values.data() + t * dp, d, dp);
@@ -126,12 +152,26 @@ void key_block_grad(const core::bwd_params<T>& p, const A* delta, const sequence
   const batch scale(static_cast<A>(p.softmax_scale));
   const A* key_rows[tile::rows];
   const A* value_rows[tile::rows];
+  const std::uint16_t* key_rows16[tile::rows];
+  const std::uint16_t* value_rows16[tile::rows];
   A* dk_rows[tile::rows];
   A* dv_rows[tile::rows];
   for (std::int64_t x0 = 0; x0 < n; x0 += chunk) {
     const std::int64_t m = std::min(chunk, n - x0);
-    // The chunk's rows: queries and output gradients straight and transposed, zero past m.
-    if (m < chunk || dp > d) {
+    // bf16 dot products unless a value of the block or of the chunk's rows is too small for them.
+    bool dot16 = block_dot16;
+    if constexpr (bf16_dot<T, A>) {
+      for (std::int64_t y = 0; y < m && dot16; ++y) {
+        const std::int64_t r = row(x0 + y), h = kv * group + r % group, t = seq.q_start + r / group;
+        dot16 = !bf16::has_tiny(&p.q(seq.batch, t, h, 0), d) && !bf16::has_tiny(&p.dout(seq.batch, t, h, 0), d);
+      }
+      if (dot16 && (m < chunk || dp > d))
+        for (auto* packed : {&w.qT16, &w.doutT16, &w.q_value16, &w.dout_value16})
+          std::fill_n(packed->data(), dp * chunk, std::uint16_t{0});
+    }
+    // The chunk's rows: queries and output gradients straight and transposed (or in the bf16 pair
+    // layouts), zero past m.
+    if (!dot16 && (m < chunk || dp > d)) {
       std::fill_n(w.qT.data(), dp * chunk, A(0));
       std::fill_n(w.doutT.data(), dp * chunk, A(0));
     }
@@ -140,18 +180,30 @@ void key_block_grad(const core::bwd_params<T>& p, const A* delta, const sequence
       A* q = w.q.data() + y * dp;
       A* g = w.dout.data() + y * dp;
       if (y >= m) {
-        std::fill_n(q, dp, A(0));
-        std::fill_n(g, dp, A(0));
+        if (!dot16) {
+          std::fill_n(q, dp, A(0));
+          std::fill_n(g, dp, A(0));
+        }
         w.chunk_lse[y] = w.chunk_delta[y] = A(0);
         w.chunk_pos[y] = A(-1);
         continue;
       }
       const std::int64_t r = row(x0 + y), i = r / group, h = kv * group + r % group, t = seq.q_start + i;
-      widen_row<A>(&p.q(seq.batch, t, h, 0), q, d, dp);
-      widen_row<A>(&p.dout(seq.batch, t, h, 0), g, d, dp);
-      for (std::int64_t x = 0; x < d; ++x) {
-        w.qT[x * chunk + y] = q[x];
-        w.doutT[x * chunk + y] = g[x];
+      if constexpr (bf16_dot<T, A>) {
+        if (dot16) {
+          bf16::pack_key(&p.q(seq.batch, t, h, 0), y, d, w.qT16.data());
+          bf16::pack_key(&p.dout(seq.batch, t, h, 0), y, d, w.doutT16.data());
+          bf16::pack_value(&p.q(seq.batch, t, h, 0), y, d, dp, w.q_value16.data());
+          bf16::pack_value(&p.dout(seq.batch, t, h, 0), y, d, dp, w.dout_value16.data());
+        }
+      }
+      if (!dot16) {
+        widen_row<A>(&p.q(seq.batch, t, h, 0), q, d, dp);
+        widen_row<A>(&p.dout(seq.batch, t, h, 0), g, d, dp);
+        for (std::int64_t x = 0; x < d; ++x) {
+          w.qT[x * chunk + y] = q[x];
+          w.doutT[x * chunk + y] = g[x];
+        }
       }
       w.chunk_lse[y] = static_cast<A>(p.lse(seq.batch, t, h));
       w.chunk_delta[y] = delta[(seq.batch * p.q.extent[1] + t) * p.q_heads + h];
@@ -164,13 +216,25 @@ void key_block_grad(const core::bwd_params<T>& p, const A* delta, const sequence
       for (std::int64_t y = 0; y < count; ++y) {
         key_rows[y] = w.keys.data() + (t0 + y) * dp;
         value_rows[y] = w.values.data() + (t0 + y) * dp;
+        if constexpr (bf16_dot<T, A>) {
+          key_rows16[y] = w.keys16.data() + (t0 + y) * dp;
+          value_rows16[y] = w.values16.data() + (t0 + y) * dp;
+        }
         dk_rows[y] = w.dk.data() + (t0 + y) * dp;
         dv_rows[y] = w.dv.data() + (t0 + y) * dp;
       }
       with_rows<A>(count, [&](auto rows_now) {
         constexpr int R = decltype(rows_now)::value;
-        score_tile<R>(key_rows, w.qT.data(), dp, w.s.data());        // Sᵀ[t][row]
-        score_tile<R>(value_rows, w.doutT.data(), dp, w.ds.data());  // dPᵀ[t][row]
+        if constexpr (bf16_dot<T, A>) {
+          if (dot16) {
+            bf16::score_tile<R>(key_rows16, w.qT16.data(), dp, w.s.data());
+            bf16::score_tile<R>(value_rows16, w.doutT16.data(), dp, w.ds.data());
+          }
+        }
+        if (!dot16) {
+          score_tile<R>(key_rows, w.qT.data(), dp, w.s.data());        // Sᵀ[t][row]
+          score_tile<R>(value_rows, w.doutT.data(), dp, w.ds.data());  // dPᵀ[t][row]
+        }
         for (int y = 0; y < R; ++y) {
           const batch key_pos(static_cast<A>(t0 + y));
           for (std::int64_t c = 0; c < chunk; c += tile::width)
@@ -178,8 +242,16 @@ void key_block_grad(const core::bwd_params<T>& p, const A* delta, const sequence
                                    batch::load_aligned(w.chunk_lse.data() + c), batch::load_aligned(w.chunk_delta.data() + c),
                                    key_pos <= batch::load_aligned(w.chunk_pos.data() + c));
         }
-        value_tile<R>(w.s.data(), w.dout.data(), m, dp, dv_rows);  // dv_t += Σ_row P · dout
-        value_tile<R>(w.ds.data(), w.q.data(), m, dp, dk_rows);    // dk_t += Σ_row dS · q
+        if constexpr (bf16_dot<T, A>) {
+          if (dot16) {  // P and dS rounded to bf16; an odd m's partner row is zero with P = dS = 0
+            bf16::value_tile<R>(w.s.data(), w.dout_value16.data(), m, dp, dv_rows);
+            bf16::value_tile<R>(w.ds.data(), w.q_value16.data(), m, dp, dk_rows);
+          }
+        }
+        if (!dot16) {
+          value_tile<R>(w.s.data(), w.dout.data(), m, dp, dv_rows);  // dv_t += Σ_row P · dout
+          value_tile<R>(w.ds.data(), w.q.data(), m, dp, dk_rows);    // dk_t += Σ_row dS · q
+        }
       });
     }
   }
@@ -217,6 +289,25 @@ void query_tile_grad(const core::bwd_params<T>& p, const tensor_view<const std::
   grow(w.s, tile::rows * chunk);
   grow(w.ds, tile::rows * chunk);
   grow(w.chunk_rows, std::max(rows, last_block + 1));
+  bool tile_dot16 = false;  // bf16 dot products, unless a query or output gradient is too small for them
+  if constexpr (bf16_dot<T, A>) {
+    grow(w.q16, rows * dp);
+    grow(w.dout16, rows * dp);
+    grow(w.k16, dp * chunk);
+    grow(w.v16, dp * chunk);
+    grow(w.k_value16, chunk * dp);
+    tile_dot16 = true;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t h = kv * group + r % group, t = seq.q_start + i0 + r / group;
+      const T* q = &p.q(seq.batch, t, h, 0);
+      const T* g = &p.dout(seq.batch, t, h, 0);
+      for (std::int64_t x = 0; x < dp; ++x) {
+        w.q16[r * dp + x] = x < d ? q[x].bits : 0;
+        w.dout16[r * dp + x] = x < d ? g[x].bits : 0;
+      }
+      tile_dot16 = tile_dot16 && !bf16::has_tiny(q, d) && !bf16::has_tiny(g, d);
+    }
+  }
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t i = i0 + r / group, h = kv * group + r % group, t = seq.q_start + i;
     widen_row<A>(&p.q(seq.batch, t, h, 0), w.q.data() + r * dp, d, dp);
@@ -244,6 +335,8 @@ void query_tile_grad(const core::bwd_params<T>& p, const tensor_view<const std::
   const batch iota = batch::load_aligned(lane);
   const A* rows_q[tile::rows];
   const A* rows_dout[tile::rows];
+  const std::uint16_t* rows_q16[tile::rows];
+  const std::uint16_t* rows_dout16[tile::rows];
   A* rows_dq[tile::rows];
   for (std::int64_t j = 0; j <= last_block; ++j) {
     const std::int64_t first = w.block_start[j], last = w.block_start[j + 1];
@@ -251,11 +344,27 @@ void query_tile_grad(const core::bwd_params<T>& p, const tensor_view<const std::
     const std::int64_t end = std::min(core::block_end(j, block, seq.k_len), w.pos[w.block_rows[last - 1]] + 1);
     for (std::int64_t t0 = core::block_begin(j, block); t0 < end; t0 += chunk) {
       const std::int64_t keys = std::min(chunk, end - t0);
-      if (keys < chunk || dp > d) {
+      bool dot16 = tile_dot16;
+      if constexpr (bf16_dot<T, A>) {
+        for (std::int64_t t = 0; t < keys && dot16; ++t)
+          dot16 = !bf16::has_tiny(&p.k(seq.batch, seq.k_start + t0 + t, kv, 0), d) &&
+                  !bf16::has_tiny(&p.v(seq.batch, seq.k_start + t0 + t, kv, 0), d);
+        if (dot16) {
+          if (keys < chunk || dp > d)
+            for (auto* packed : {&w.k16, &w.v16, &w.k_value16}) std::fill_n(packed->data(), dp * chunk, std::uint16_t{0});
+          for (std::int64_t t = 0; t < keys; ++t) {
+            const T* key = &p.k(seq.batch, seq.k_start + t0 + t, kv, 0);
+            bf16::pack_key(key, t, d, w.k16.data());
+            bf16::pack_key(&p.v(seq.batch, seq.k_start + t0 + t, kv, 0), t, d, w.v16.data());
+            bf16::pack_value(key, t, d, dp, w.k_value16.data());
+          }
+        }
+      }
+      if (!dot16 && (keys < chunk || dp > d)) {
         std::fill_n(w.kT.data(), dp * chunk, A(0));
         std::fill_n(w.vT.data(), dp * chunk, A(0));
       }
-      for (std::int64_t t = 0; t < keys; ++t) {
+      for (std::int64_t t = 0; t < keys && !dot16; ++t) {
         A* key = w.k_chunk.data() + t * dp;
         widen_row<A>(&p.k(seq.batch, seq.k_start + t0 + t, kv, 0), key, d, dp);
         for (std::int64_t x = 0; x < d; ++x) w.kT[x * chunk + t] = key[x];
@@ -271,11 +380,23 @@ void query_tile_grad(const core::bwd_params<T>& p, const tensor_view<const std::
           rows_q[y] = w.q.data() + w.chunk_rows[x + y] * dp;
           rows_dout[y] = w.dout.data() + w.chunk_rows[x + y] * dp;
           rows_dq[y] = w.dq.data() + w.chunk_rows[x + y] * dp;
+          if constexpr (bf16_dot<T, A>) {
+            rows_q16[y] = w.q16.data() + w.chunk_rows[x + y] * dp;
+            rows_dout16[y] = w.dout16.data() + w.chunk_rows[x + y] * dp;
+          }
         }
         with_rows<A>(count, [&](auto rows_now) {
           constexpr int R = decltype(rows_now)::value;
-          score_tile<R>(rows_q, w.kT.data(), dp, w.s.data());
-          score_tile<R>(rows_dout, w.vT.data(), dp, w.ds.data());
+          if constexpr (bf16_dot<T, A>) {
+            if (dot16) {
+              bf16::score_tile<R>(rows_q16, w.k16.data(), dp, w.s.data());
+              bf16::score_tile<R>(rows_dout16, w.v16.data(), dp, w.ds.data());
+            }
+          }
+          if (!dot16) {
+            score_tile<R>(rows_q, w.kT.data(), dp, w.s.data());
+            score_tile<R>(rows_dout, w.vT.data(), dp, w.ds.data());
+          }
           std::int64_t valid[tile::rows], common = keys;
           for (int y = 0; y < R; ++y) {
             const std::int64_t r = w.chunk_rows[x + y];
@@ -286,11 +407,23 @@ void query_tile_grad(const core::bwd_params<T>& p, const tensor_view<const std::
               softmax_grad<A>(w.s.data() + y * chunk + c, w.ds.data() + y * chunk + c, scale, lse, delta_r,
                                      iota + batch(static_cast<A>(c)) < limit);
           }
-          // dq += dS · k over the keys every row attends, then each row's own tail (as the forward).
-          value_tile<R>(w.ds.data(), w.k_chunk.data(), common, dp, rows_dq);
-          for (int y = 0; y < R; ++y)
-            value_tail(w.ds.data() + y * chunk, common, valid[y], d, rows_dq[y],
-                       [&](std::int64_t t) { return w.k_chunk.data() + t * dp; });
+          // dq += dS · k over the keys every row attends, then each row's own tail (as the forward;
+          // bf16 keys go in pairs, so where `common` is odd its partner may lie past a row's position).
+          if constexpr (bf16_dot<T, A>) {
+            if (dot16) {
+              const std::int64_t both = common == keys ? keys : common & ~std::int64_t{1};
+              bf16::value_tile<R>(w.ds.data(), w.k_value16.data(), both, dp, rows_dq);
+              for (int y = 0; y < R; ++y)
+                value_tail(w.ds.data() + y * chunk, both, valid[y], d, rows_dq[y],
+                           [&](std::int64_t t) { return &p.k(seq.batch, seq.k_start + t0 + t, kv, 0); });
+            }
+          }
+          if (!dot16) {
+            value_tile<R>(w.ds.data(), w.k_chunk.data(), common, dp, rows_dq);
+            for (int y = 0; y < R; ++y)
+              value_tail(w.ds.data() + y * chunk, common, valid[y], d, rows_dq[y],
+                         [&](std::int64_t t) { return w.k_chunk.data() + t * dp; });
+          }
         });
       }
     }
