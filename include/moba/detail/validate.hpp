@@ -79,7 +79,8 @@ void require_distinct_elements(const tensor_view<T, Rank>& view, const char* nam
   int n = 0;
   for (int r = 0; r < Rank; ++r)
     if (view.extent[r] > 1) axes[n++] = r;
-  std::sort(axes, axes + n, [&](int a, int b) { return view.stride[a] < view.stride[b]; });
+  for (int x = 1; x < n; ++x)  // insertion sort by stride (std::sort on 4 ints trips GCC 12's -Warray-bounds)
+    for (int y = x; y > 0 && view.stride[axes[y]] < view.stride[axes[y - 1]]; --y) std::swap(axes[y], axes[y - 1]);
   std::int64_t reach = 0;  // offset of the farthest element of the axes so far
   for (int x = 0; x < n; ++x) {
     const int r = axes[x];
