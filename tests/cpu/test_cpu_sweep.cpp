@@ -64,6 +64,11 @@ TEST_CASE_TEMPLATE("moba::cpu on 16K tokens equals the reference on windows of r
   }
 }
 
+TEST_CASE_TEMPLATE("moba::cpu backward matches the reference (head dims 64, 128, varlen, GQA, q_len < k_len, both modes)",
+                   T, double, float, moba::bfloat16, moba::float16) {
+  moba::test::suite_backward_matches_reference<moba::cpu, T>({64, 128});
+}
+
 TEST_CASE_TEMPLATE("moba::cpu backward on 16K tokens equals the reference on windows of rows and the last block's keys",
                    T, float, moba::bfloat16) {
   // Query rows [a, a + w) of a prefill, with keys [0, a + w), are a call of their own (bottom-right
