@@ -136,13 +136,9 @@ void key_block_grad(const core::bwd_params<T>& p, const A* delta, const sequence
     grow(w.dout_value16, chunk * dp);
     block_dot16 = true;
     for (std::int64_t t = 0; t < seen; ++t) {
-      const T* key = &p.k(seq.batch, seq.k_start + b + t, kv, 0);
-      const T* value = &p.v(seq.batch, seq.k_start + b + t, kv, 0);
-      for (std::int64_t x = 0; x < dp; ++x) {
-        w.keys16[t * dp + x] = x < d ? key[x].bits : 0;
-        w.values16[t * dp + x] = x < d ? value[x].bits : 0;
-      }
-      block_dot16 = block_dot16 && !bf16::has_tiny(key, d) && !bf16::has_tiny(value, d);
+      const bool tiny_key = bf16::copy_bits(&p.k(seq.batch, seq.k_start + b + t, kv, 0), d, dp, w.keys16.data() + t * dp);
+      const bool tiny_value = bf16::copy_bits(&p.v(seq.batch, seq.k_start + b + t, kv, 0), d, dp, w.values16.data() + t * dp);
+      block_dot16 = block_dot16 && !tiny_key && !tiny_value;
     }
   }
   for (std::int64_t t = 0; t < seen; ++t) {
@@ -299,13 +295,9 @@ void query_tile_grad(const core::bwd_params<T>& p, const tensor_view<const std::
     tile_dot16 = true;
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t h = kv * group + r % group, t = seq.q_start + i0 + r / group;
-      const T* q = &p.q(seq.batch, t, h, 0);
-      const T* g = &p.dout(seq.batch, t, h, 0);
-      for (std::int64_t x = 0; x < dp; ++x) {
-        w.q16[r * dp + x] = x < d ? q[x].bits : 0;
-        w.dout16[r * dp + x] = x < d ? g[x].bits : 0;
-      }
-      tile_dot16 = tile_dot16 && !bf16::has_tiny(q, d) && !bf16::has_tiny(g, d);
+      const bool tiny_q = bf16::copy_bits(&p.q(seq.batch, t, h, 0), d, dp, w.q16.data() + r * dp);
+      const bool tiny_dout = bf16::copy_bits(&p.dout(seq.batch, t, h, 0), d, dp, w.dout16.data() + r * dp);
+      tile_dot16 = tile_dot16 && !tiny_q && !tiny_dout;
     }
   }
   for (std::int64_t r = 0; r < rows; ++r) {

@@ -26,6 +26,12 @@ inline bool has_tiny(const bfloat16* x, std::int64_t n) {
     tiny |= static_cast<std::uint16_t>((x[i].bits & 0x7fff) - 1) < (27 << 7) - 1;
   return tiny != 0;
 }
+
+/// dst[0, dp) = the bits of x[0, d), then zeros; returns has_tiny(x, d).
+inline bool copy_bits(const bfloat16* x, std::int64_t d, std::int64_t dp, std::uint16_t* dst) {
+  for (std::int64_t i = 0; i < dp; ++i) dst[i] = i < d ? x[i].bits : 0;
+  return has_tiny(x, d);
+}
 }  // namespace bf16
 
 #if defined(__AVX512BF16__)

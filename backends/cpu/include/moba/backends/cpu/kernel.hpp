@@ -192,9 +192,7 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
     w.pos[r] = seq.pos(i);
     if (!attend) continue;
     if constexpr (bf16_dot<T, A>) {
-      const T* q = &p.q(seq.batch, seq.q_start + i, h, 0);
-      for (std::int64_t x = 0; x < dp; ++x) w.q16[r * dp + x] = x < d ? q[x].bits : 0;
-      tiny_q = tiny_q || bf16::has_tiny(q, d);
+      tiny_q = bf16::copy_bits(&p.q(seq.batch, seq.q_start + i, h, 0), d, dp, w.q16.data() + r * dp) || tiny_q;
     }
     std::fill_n(w.o.data() + r * dp, dp, A(0));
     w.m[r] = neg_inf;
