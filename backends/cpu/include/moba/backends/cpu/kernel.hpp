@@ -12,6 +12,7 @@
 #include <xsimd/xsimd.hpp>
 
 #include <moba/backends/cpu/dot_bf16.hpp>
+#include <moba/backends/cpu/pack.hpp>
 #include <moba/backends/cpu/simd.hpp>
 #include <moba/backends/cpu/tiling.hpp>
 #include <moba/backends/cpu/workspace.hpp>
@@ -173,7 +174,6 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
     grow(w.m, rows);
     grow(w.l, rows);
     grow(w.chunk_rows, std::max(rows, last_block + 1));
-    grow(w.key_row, dp);
     grow(w.k_packed, dp * tile::chunk_keys);
     grow(w.v_chunk, tile::chunk_keys * dp);
     grow(w.scores, tile::rows * tile::chunk_keys);
@@ -186,8 +186,12 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
 
   // Rows are (token, head) pairs, token-major: row r is token i0 + r / group, head kv*group + r % group.
   bool tiny_q = false;  // a query too small for vdpbf16ps (dot_bf16.hpp): the tile runs on fp32
+  constexpr std::int64_t ahead = 8;  // rows fetched ahead: each lies in a page of its own (prefetch)
+  auto query_row = [&](std::int64_t r) { return &p.q(seq.batch, seq.q_start + i0 + r / group, kv * group + r % group, 0); };
+  for (std::int64_t r = 0; r < std::min(rows, ahead); ++r) prefetch(query_row(r), d * static_cast<std::int64_t>(sizeof(T)));
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t i = i0 + r / group, h = kv * group + r % group;
+    if (r + ahead < rows) prefetch(query_row(r + ahead), d * static_cast<std::int64_t>(sizeof(T)));
     widen_row<A>(&p.q(seq.batch, seq.q_start + i, h, 0), w.q.data() + r * dp, d, dp);
     w.pos[r] = seq.pos(i);
     if (!attend) continue;
@@ -256,50 +260,47 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
   const A* rows_q[tile::rows];
   const std::uint16_t* rows_q16[tile::rows];
   A* rows_o[tile::rows];
+  auto selected_by_some = [&](std::int64_t j) { return w.block_start[j] < w.block_start[j + 1]; };
+  // The keys and values of chunk [t0, t0 + chunk_keys) are fetched while the chunk before is computed.
+  auto prefetch_chunk = [&](std::int64_t t0, std::int64_t end) {
+    for (std::int64_t t = t0; t < std::min<std::int64_t>(end, t0 + tile::chunk_keys); ++t) {
+      prefetch(&p.k(seq.batch, seq.k_start + t, kv, 0), d * static_cast<std::int64_t>(sizeof(T)));
+      prefetch(&p.v(seq.batch, seq.k_start + t, kv, 0), d * static_cast<std::int64_t>(sizeof(T)));
+    }
+  };
+  for (std::int64_t j = 0; j <= last_block; ++j)
+    if (selected_by_some(j)) {
+      prefetch_chunk(core::block_begin(j, block), core::block_end(j, block, seq.k_len));
+      break;
+    }
   for (std::int64_t j = 0; j <= last_block; ++j) {
     const std::int64_t first = w.block_start[j], last = w.block_start[j + 1];
     if (first == last) continue;
     const std::int64_t end = std::min(core::block_end(j, block, seq.k_len), w.pos[w.block_rows[last - 1]] + 1);
+    std::int64_t next_j = j + 1;
+    while (next_j <= last_block && !selected_by_some(next_j)) ++next_j;
     for (std::int64_t t0 = core::block_begin(j, block); t0 < end; t0 += tile::chunk_keys) {
       const std::int64_t keys = std::min<std::int64_t>(tile::chunk_keys, end - t0);
+      if (t0 + tile::chunk_keys < end) {
+        prefetch_chunk(t0 + tile::chunk_keys, end);
+      } else if (next_j <= last_block) {
+        prefetch_chunk(core::block_begin(next_j, block), core::block_end(next_j, block, seq.k_len));
+      }
       // Pack the chunk: keys transposed to [Dp, chunk] and values to [chunk, Dp] (bf16 dot products:
-      // the pair layouts of dot_bf16.hpp). Padding columns (keys past the chunk's end) only meet masked
-      // scores; padding rows (Dp > D) must be zero. Values are copied even when no widening is needed:
-      // rows H·D apart in the caller's tensor alias the same L1 sets and measured slower in place.
-      // bf16 chunks holding values too small for vdpbf16ps run on the fp32 products.
+      // the pair layouts of dot_bf16.hpp), zeros past the chunk's keys and D. Values are copied even
+      // when no widening is needed: rows H·D apart in the caller's tensor alias the same L1 sets and
+      // measured slower in place. bf16 chunks holding values too small for vdpbf16ps run on the fp32
+      // products.
+      auto key_row = [&](std::int64_t t) { return &p.k(seq.batch, seq.k_start + t0 + t, kv, 0); };
+      auto value_row = [&](std::int64_t t) { return &p.v(seq.batch, seq.k_start + t0 + t, kv, 0); };
       bool dot16 = false;
       if constexpr (bf16_dot<T, A>) {
-        dot16 = !tiny_q;
-        if (dot16) {
-          if (dp > d) {
-            std::fill_n(w.k16.data(), dp * tile::chunk_keys, std::uint16_t{0});
-            std::fill_n(w.v16.data(), dp * tile::chunk_keys, std::uint16_t{0});
-          }
-          bool tiny = false;
-          for (std::int64_t t = 0; t < keys; ++t) {
-            const T* key = &p.k(seq.batch, seq.k_start + t0 + t, kv, 0);
-            const T* value = &p.v(seq.batch, seq.k_start + t0 + t, kv, 0);
-            bf16::pack_key(key, t, d, w.k16.data());
-            bf16::pack_value(value, t, d, dp, w.v16.data());
-            tiny = tiny || bf16::has_tiny(key, d) || bf16::has_tiny(value, d);
-          }
-          if (keys % 2)  // the odd key's partner meets probability 0: make its values 0, not stale
-            for (std::int64_t x = 0; x < dp; ++x) w.v16[((keys >> 1) * dp + x) * 2 + 1] = 0;
-          dot16 = !tiny;
-        }
+        dot16 = !tiny_q && !bf16::pack_transposed(key_row, keys, d, dp, w.k16.data());
+        dot16 = dot16 && !bf16::pack_paired(value_row, keys, d, dp, w.v16.data());
       }
       if (!dot16) {
-        if (keys < tile::chunk_keys || dp > d) std::fill_n(w.k_packed.data(), dp * tile::chunk_keys, A(0));
-        for (std::int64_t t = 0; t < keys; ++t) {
-          widen_row<A>(&p.v(seq.batch, seq.k_start + t0 + t, kv, 0), w.v_chunk.data() + t * dp, d, dp);
-          const T* key = &p.k(seq.batch, seq.k_start + t0 + t, kv, 0);
-          if constexpr (std::is_same_v<T, A>) {
-            for (std::int64_t x = 0; x < d; ++x) w.k_packed[x * tile::chunk_keys + t] = key[x];
-          } else {
-            widen_row<A>(key, w.key_row.data(), d, d);
-            for (std::int64_t x = 0; x < d; ++x) w.k_packed[x * tile::chunk_keys + t] = w.key_row[x];
-          }
-        }
+        pack_transposed<A, T>(key_row, keys, d, dp, w.k_packed.data());
+        for (std::int64_t t = 0; t < keys; ++t) widen_row<A>(value_row(t), w.v_chunk.data() + t * dp, d, dp);
       }
       // Rows that see at least one key of this chunk (a current-block row stops at its own position).
       std::int64_t n = 0;
@@ -335,7 +336,7 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
               bf16::value_tile<rows_now>(w.scores.data(), w.v16.data(), both, dp, rows_o);
               for (std::int64_t y = 0; y < count; ++y)
                 value_tail(w.scores.data() + y * tile::chunk_keys, both, valid[y], d, rows_o[y],
-                           [&](std::int64_t t) { return &p.v(seq.batch, seq.k_start + t0 + t, kv, 0); });
+                           value_row);
             }
           }
           if (!dot16) {

@@ -25,7 +25,6 @@ struct tile_workspace {
   std::vector<std::int64_t> block_rows;  // rows of each block, grouped by block (CSR)
   std::vector<std::int64_t> block_start; // [blocks + 1] offsets into block_rows
   std::vector<std::int64_t> chunk_rows;  // rows of the current chunk
-  aligned_vector<A> key_row;       // [Dp] one key being transposed
   aligned_vector<A> k_packed;      // [Dp, chunk_keys] transposed key chunk
   aligned_vector<A> v_chunk;       // [chunk_keys, Dp]
   aligned_vector<A> scores;        // [rows_per_tile, chunk_keys]
