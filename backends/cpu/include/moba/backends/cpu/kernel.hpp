@@ -95,17 +95,21 @@ void softmax_chunk(A* s, std::int64_t valid, A scale, A& m, A& l, A* o, std::int
     scores[v] = xsimd::select(index < limit, batch::load_aligned(s + v * tile::width) * batch(scale), neg_inf);
     top = xsimd::max(top, scores[v]);
   }
-  top.store_aligned(lane);
-  A chunk_max = lane[0];
-  for (int x = 1; x < tile::width; ++x) chunk_max = std::max(chunk_max, lane[x]);
-  const A new_max = std::max(m, chunk_max);
+  // Past the first chunks the running max rarely moves: skip the horizontal max when it does not.
+  A new_max = m;
+  if (!xsimd::all(top <= batch(m))) {
+    top.store_aligned(lane);
+    A chunk_max = lane[0];
+    for (int x = 1; x < tile::width; ++x) chunk_max = std::max(chunk_max, lane[x]);
+    new_max = std::max(m, chunk_max);
+  }
   batch sum(A(0));
   for (int v = 0; v < tile::vectors; ++v) {
     const batch e = xsimd::exp(scores[v] - batch(new_max));
     e.store_aligned(s + v * tile::width);
     sum += e;
   }
-  const A alpha = std::exp(m - new_max);  // 0 on the first chunk (m = -inf)
+  const A alpha = new_max == m ? A(1) : std::exp(m - new_max);  // 0 on the first chunk (m = -inf)
   l = l * alpha + xsimd::hadd(sum);
   m = new_max;
   if (alpha != A(1)) {
@@ -310,6 +314,15 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
       }
       for (std::int64_t x = 0; x < n; x += tile::rows) {
         const std::int64_t count = std::min<std::int64_t>(tile::rows, n - x);
+        // The next register tile's rows are scattered over the work item's (larger than L2): fetch them.
+        for (std::int64_t y = x + tile::rows; y < std::min(n, x + 2 * tile::rows); ++y) {
+          const std::int64_t row = w.chunk_rows[y];
+          if constexpr (bf16_dot<T, A>) {
+            if (dot16) prefetch(w.q16.data() + row * dp, dp * 2);
+          }
+          if (!dot16) prefetch(w.q.data() + row * dp, dp * static_cast<std::int64_t>(sizeof(A)));
+          prefetch(w.o.data() + row * dp, dp * static_cast<std::int64_t>(sizeof(A)));
+        }
         for (std::int64_t y = 0; y < count; ++y) {
           rows_q[y] = w.q.data() + w.chunk_rows[x + y] * dp;
           if constexpr (bf16_dot<T, A>) rows_q16[y] = w.q16.data() + w.chunk_rows[x + y] * dp;
