@@ -80,24 +80,27 @@ void value_tile(const A* p, const A* v, std::int64_t keys, std::int64_t dp, A* c
 }
 
 /// Online softmax over one chunk for one row: masks keys at or past `valid`, turns scores into
-/// probabilities relative to the new running max, and rescales the row's running state.
+/// probabilities relative to the new running max, and rescales the row's running state. The running
+/// sum is kept per SIMD lane (`l`, one vector) and added across lanes once, at the end of the row.
 template <class A>
-void softmax_chunk(A* s, std::int64_t valid, A scale, A& m, A& l, A* o, std::int64_t dp) {
+void softmax_chunk(A* s, std::int64_t valid, A scale, A& m, A* l, A* o, std::int64_t dp) {
   using tile = register_tile<A>;
   using batch = typename tile::batch;
-  const batch neg_inf(-std::numeric_limits<A>::infinity()), limit(static_cast<A>(valid));
-  alignas(sizeof(batch)) A lane[tile::width];
-  for (int x = 0; x < tile::width; ++x) lane[x] = static_cast<A>(x);
-  const batch iota = batch::load_aligned(lane);
+  const batch neg_inf(-std::numeric_limits<A>::infinity());
   batch scores[tile::vectors], top = neg_inf;
-  for (int v = 0; v < tile::vectors; ++v) {
-    const batch index = iota + batch(static_cast<A>(v * tile::width));
-    scores[v] = xsimd::select(index < limit, batch::load_aligned(s + v * tile::width) * batch(scale), neg_inf);
-    top = xsimd::max(top, scores[v]);
+  for (int v = 0; v < tile::vectors; ++v) scores[v] = batch::load_aligned(s + v * tile::width) * batch(scale);
+  if (valid < tile::chunk_keys) {
+    alignas(sizeof(batch)) A lane[tile::width];
+    for (int x = 0; x < tile::width; ++x) lane[x] = static_cast<A>(x);
+    const batch iota = batch::load_aligned(lane), limit(static_cast<A>(valid));
+    for (int v = 0; v < tile::vectors; ++v)
+      scores[v] = xsimd::select(iota + batch(static_cast<A>(v * tile::width)) < limit, scores[v], neg_inf);
   }
+  for (int v = 0; v < tile::vectors; ++v) top = xsimd::max(top, scores[v]);
   // Past the first chunks the running max rarely moves: skip the horizontal max when it does not.
   A new_max = m;
   if (!xsimd::all(top <= batch(m))) {
+    alignas(sizeof(batch)) A lane[tile::width];
     top.store_aligned(lane);
     A chunk_max = lane[0];
     for (int x = 1; x < tile::width; ++x) chunk_max = std::max(chunk_max, lane[x]);
@@ -110,12 +113,15 @@ void softmax_chunk(A* s, std::int64_t valid, A scale, A& m, A& l, A* o, std::int
     sum += e;
   }
   const A alpha = new_max == m ? A(1) : std::exp(m - new_max);  // 0 on the first chunk (m = -inf)
-  l = l * alpha + xsimd::hadd(sum);
   m = new_max;
   if (alpha != A(1)) {
     const batch a(alpha);
+    sum = xsimd::fma(batch::load_aligned(l), a, sum);
     for (std::int64_t c = 0; c < dp; c += tile::width) (batch::load_aligned(o + c) * a).store_aligned(o + c);
+  } else {
+    sum += batch::load_aligned(l);
   }
+  sum.store_aligned(l);
 }
 
 /// Runs `f(std::integral_constant<int, R>)` for R = `rows` (1 ... register_tile rows).
@@ -176,7 +182,7 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
   if (attend) {
     grow(w.o, rows * dp);
     grow(w.m, rows);
-    grow(w.l, rows);
+    grow(w.l, rows * tile::width);
     grow(w.chunk_rows, std::max(rows, last_block + 1));
     grow(w.k_packed, dp * tile::chunk_keys);
     grow(w.v_chunk, tile::chunk_keys * dp);
@@ -204,7 +210,7 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
     }
     std::fill_n(w.o.data() + r * dp, dp, A(0));
     w.m[r] = neg_inf;
-    w.l[r] = A(0);
+    std::fill_n(w.l.data() + r * tile::width, tile::width, A(0));
   }
 
   // Selection (SPEC §Blocks): the caller's (§Blocks 7, checked before the call), or the gate's top
@@ -340,7 +346,7 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
             const std::int64_t row = w.chunk_rows[x + y];
             valid[y] = std::min(keys, w.pos[row] - t0 + 1);
             common = std::min(common, valid[y]);
-            softmax_chunk(w.scores.data() + y * tile::chunk_keys, valid[y], scale, w.m[row], w.l[row], rows_o[y], dp);
+            softmax_chunk(w.scores.data() + y * tile::chunk_keys, valid[y], scale, w.m[row], w.l.data() + row * tile::width, rows_o[y], dp);
           }
           if constexpr (bf16_dot<T, A>) {
             if (dot16) {
@@ -365,11 +371,12 @@ void run_tile(const core::fwd_params<T>& p, const sequence_info& seq, std::int64
 
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t t = seq.q_start + i0 + r / group, h = kv * group + r % group;
-    const A inv = A(1) / w.l[r];
+    const A l = xsimd::hadd(tile::batch::load_aligned(w.l.data() + r * tile::width));
+    const A inv = A(1) / l;
     A* o = w.o.data() + r * dp;
     for (std::int64_t x = 0; x < d; ++x) o[x] *= inv;
     narrow_row<T>(o, &p.out(seq.batch, t, h, 0), d);
-    if (p.lse.given()) p.lse(seq.batch, t, h) = static_cast<accum_t<T>>(w.m[r] + std::log(w.l[r]));
+    if (p.lse.given()) p.lse(seq.batch, t, h) = static_cast<accum_t<T>>(w.m[r] + std::log(l));
     if (p.selected.given()) write_selected(r, t, h);
   }
 }

@@ -17,7 +17,8 @@ template <class A>
 struct tile_workspace {
   aligned_vector<A> q;             // [rows, Dp] queries in the compute type
   aligned_vector<A> o;             // [rows, Dp] running output
-  std::vector<A> m, l;             // [rows] running max and sum of the online softmax
+  std::vector<A> m;                // [rows] running max of the online softmax
+  aligned_vector<A> l;             // [rows, SIMD width] its running sum, per lane
   std::vector<std::int64_t> pos;   // [rows] absolute position of each row's query
   std::vector<std::int64_t> selection;  // [rows, width] selected blocks, ascending (width <= blocks)
   std::vector<std::int64_t> count;      // [rows] blocks selected per row
