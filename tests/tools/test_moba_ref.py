@@ -49,6 +49,49 @@ def save_raw(path, header, data):
     pathlib.Path(path).write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + data)
 
 
+def fresh_seed():
+    """A new seed for each random test, or MOBA_TEST_SEED's to replay a failure (printed as seed=N)."""
+    replay = os.environ.get("MOBA_TEST_SEED")
+    return int(replay) if replay else int.from_bytes(os.urandom(4), "little")
+
+
+def as_f64(a):
+    """A moba-ref array as float64 (bf16 travels as <u2 bit patterns)."""
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return a.astype(np.float64)
+
+
+def numpy_moba(q, k, v, dout, cu_q, cu_k, sel, block, scale):
+    """Attention over the blocks of `sel` (held fixed) and its backward, written from SPEC in float64
+    independently of the library: out, dq, dk, dv."""
+    out, dq, dk, dv = (np.zeros_like(x) for x in (q, q, k, v))
+    group = q.shape[1] // k.shape[1]
+    for b in range(len(cu_q) - 1):
+        a, n, ka, m = cu_q[b], cu_q[b + 1] - cu_q[b], cu_k[b], cu_k[b + 1] - cu_k[b]
+        if n == 0:
+            continue
+        pos = m - n + np.arange(n)
+        for h in range(q.shape[1]):
+            qs, ks, vs, do = q[a:a + n, h], k[ka:ka + m, h // group], v[ka:ka + m, h // group], dout[a:a + n, h]
+            chosen = np.zeros((n, (m + block - 1) // block + 1), bool)
+            rows = sel[a:a + n, h]
+            for w in range(rows.shape[1]):
+                chosen[np.arange(n)[rows[:, w] >= 0], rows[rows[:, w] >= 0, w]] = True
+            t = np.arange(m)
+            mask = chosen[:, t // block] & (t[None, :] <= pos[:, None])
+            s = np.where(mask, scale * qs @ ks.T, -np.inf)
+            p = np.exp(s - s.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            o = p @ vs
+            ds = p * (do @ vs.T - (do * o).sum(1, keepdims=True))
+            out[a:a + n, h] = o
+            dq[a:a + n, h] = scale * ds @ ks
+            dk[ka:ka + m, h // group] += scale * ds.T @ qs
+            dv[ka:ka + m, h // group] += p.T @ do
+    return out, dq, dk, dv
+
+
 # Long enough (seconds) to be interrupted while it computes, and light on memory.
 SLOW = gen(seqlens=",".join(["1000"] * 20), q_heads="2", kv_heads="1")
 
@@ -105,12 +148,12 @@ class MobaRef(unittest.TestCase):
         for backend, mode in [("reference", "full"), ("cpu", "sparse")]:
             for dtype in ["f64", "f32", "f16", "bf16"]:
                 name = f"{backend}-{dtype}"
-                d = self.generate(name, "--dtype", dtype, "--mode", mode, "--backend", backend)
-                r = tool("run", *(f"--{x}={os.path.join(d, x + '.npy')}" for x in "qkv"),
+                d = self.generate(name, "--dtype", dtype, "--mode", mode, "--backend", backend, "--grad")
+                r = tool("run", *(f"--{x}={os.path.join(d, x + '.npy')}" for x in ["q", "k", "v", "dout"]),
                          "--cu-seqlens", os.path.join(d, "cu_seqlens.npy"), "--block-size", "16", "--top-k", "3",
                          "--mode", mode, "--backend", backend, "--out", self.path(name + "-run"))
                 self.assertEqual(r.returncode, 0, r.stderr)
-                for f in ["out", "lse", "selected", "out_f64"]:
+                for f in ["out", "lse", "selected", "out_f64", "dq", "dk", "dv", "dq_f64", "dk_f64", "dv_f64"]:
                     a = pathlib.Path(d, f + ".npy").read_bytes()
                     b = pathlib.Path(self.path(name + "-run", f + ".npy")).read_bytes()
                     self.assertEqual(a, b, f"{name} {f}")
@@ -432,6 +475,99 @@ class MobaRef(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(np.load(self.path("empty-run", "out.npy")).shape, (0, 4, 16))
 
+
+    def test_grad_files_are_the_backward_of_the_forward(self):
+        """dq, dk, dv (_f64 and the dtype's) against a NumPy backward with the selection held fixed,
+        itself checked by finite differences; generate and run with q_len < k_len and GQA."""
+        seed = fresh_seed()
+        with self.subTest(seed=seed):
+            rng = np.random.default_rng(seed)
+            d = self.path("g")
+            r = tool(*gen(dtype="f32"), "--grad", "--seed", str(seed), "--out", d)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            # Own inputs, chunked prefill (q_len < k_len), kv heads shared by 3 query heads.
+            for name, shape in [("q", (50, 3, 8)), ("k", (90, 1, 8)), ("v", (90, 1, 8)), ("dout", (50, 3, 8))]:
+                np.save(self.path(name + ".npy"), rng.standard_normal(shape))
+            np.save(self.path("cq.npy"), np.array([0, 20, 50], dtype=np.int32))
+            np.save(self.path("ck.npy"), np.array([0, 40, 90], dtype=np.int32))
+            o = self.path("o")
+            r = tool("run", *(f"--{x}={self.path(x + '.npy')}" for x in ["q", "k", "v", "dout"]),
+                     "--cu-seqlens", self.path("cq.npy"), "--cu-seqlens-k", self.path("ck.npy"), "--dtype", "f64",
+                     "--block-size", "8", "--top-k", "2", "--out", o)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            for folder, inputs, cu_k in [(d, d, "cu_seqlens.npy"), (o, self.dir, "ck.npy")]:
+                meta = json.loads(pathlib.Path(folder, "meta.json").read_text())
+                load = lambda f, at=folder: as_f64(np.load(os.path.join(at, f + ".npy")))
+                q, k, v, dout = (load(x, inputs) for x in ["q", "k", "v", "dout"])
+                cu_q = np.load(os.path.join(inputs, "cu_seqlens.npy" if folder == d else "cq.npy"))
+                cu_k = np.load(os.path.join(inputs, cu_k))
+                sel = np.load(os.path.join(folder, "selected.npy"))
+                args = (cu_q, cu_k, sel, meta["block_size"], meta["softmax_scale"])
+                out, dq, dk, dv = numpy_moba(q, k, v, dout, *args)
+                np.testing.assert_allclose(load("out_f64"), out, rtol=1e-9, atol=1e-12)
+                for name, want in [("dq", dq), ("dk", dk), ("dv", dv)]:
+                    got = load(name + "_f64")
+                    self.assertLess(np.linalg.norm(got - want) / np.linalg.norm(want), 1e-10, f"{folder} {name}")
+                    got = load(name)  # the dtype's, within SPEC's gradient bound
+                    self.assertLess(np.linalg.norm(got - want) / np.linalg.norm(want), 1e-5, f"{folder} {name}")
+                # The NumPy backward is the derivative of sum(dout * out): central differences on a few elements.
+                loss = lambda q_, k_, v_: np.sum(dout * numpy_moba(q_, k_, v_, dout, *args)[0])
+                for x, grad, which in [(q, dq, 0), (k, dk, 1), (v, dv, 2)]:
+                    for _ in range(3):
+                        at = tuple(rng.integers(0, n) for n in x.shape)
+                        plus, minus = [q.copy(), k.copy(), v.copy()], [q.copy(), k.copy(), v.copy()]
+                        plus[which][at] += 1e-6
+                        minus[which][at] -= 1e-6
+                        fd = (loss(*plus) - loss(*minus)) / 2e-6
+                        self.assertAlmostEqual(fd, grad[at], delta=1e-5 * (1 + abs(fd)), msg=f"{which} {at}")
+
+    def test_grad_leaves_the_forward_files_as_they_were(self):
+        seed = fresh_seed()
+        with self.subTest(seed=seed):
+            for name, extra in [("plain", []), ("grad", ["--grad"])]:
+                r = tool(*GEN, *extra, "--seed", str(seed), "--out", self.path(name))
+                self.assertEqual(r.returncode, 0, r.stderr)
+            for f in ["q", "k", "v", "out", "out_f64", "lse", "selected"]:
+                self.assertEqual(pathlib.Path(self.path("plain", f + ".npy")).read_bytes(),
+                                 pathlib.Path(self.path("grad", f + ".npy")).read_bytes(), f)
+            self.assertFalse(os.path.exists(self.path("plain", "dq.npy")))
+
+    def test_check_gradients_pass_their_bound_and_fail_perturbed(self):
+        seed = fresh_seed()
+        with self.subTest(seed=seed):
+            for backend, dtype, bound in [("reference", "bf16", "2.0e-02"), ("cpu", "f32", "1.0e-05")]:
+                d = self.path(backend)
+                r = tool(*gen(dtype=dtype, backend=backend), "--grad", "--seed", str(seed), "--out", d)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                for what in ["out", "lse", "dq", "dk", "dv"]:
+                    r = tool("check", "--expected", d, "--actual", os.path.join(d, what + ".npy"), "--what", what)
+                    self.assertEqual(r.returncode, 0, f"{backend} {what}: {r.stdout}{r.stderr}")
+                    if what.startswith("d"):
+                        self.assertIn(f"tolerance {bound}, SPEC bound for {dtype}", r.stdout)
+            dk = np.load(self.path("cpu", "dk_f64.npy"))
+            dk[33, 1, 9] += 1e-2 * np.linalg.norm(dk)
+            np.save(self.path("bad.npy"), dk)
+            r = tool("check", "--expected", self.path("cpu"), "--actual", self.path("bad.npy"), "--what", "dk")
+            self.assertEqual(r.returncode, 1, r.stdout)
+            self.assertIn("key token 33, kv head 1, dim 9", r.stdout)
+
+    def test_bad_gradient_inputs_exit_2_with_one_line(self):
+        d = self.generate("g")  # no --grad
+        g = self.path("gg")
+        self.assertEqual(tool(*GEN, "--grad", "--out", g).returncode, 0)
+        check = lambda folder, actual, what: tool("check", "--expected", folder, "--actual", actual, "--what", what)
+        self.assert_one_line(check(d, os.path.join(d, "out.npy"), "dq"), "has no dq_f64.npy", "--grad")
+        self.assert_one_line(check(g, os.path.join(g, "dq.npy"), "dk"), "[115, 4, 16]", "[115, 2, 16]")
+        self.assert_one_line(check(g, os.path.join(g, "dk.npy"), "dz"), "--what", "dz")
+        self.assert_one_line(check(g, self.path("missing.npy"), "dv"), "missing.npy", "cannot open")
+        meta = json.loads(pathlib.Path(g, "meta.json").read_text())
+        del meta["kv_heads"]
+        pathlib.Path(g, "meta.json").write_text(json.dumps(meta))
+        self.assert_one_line(check(g, os.path.join(g, "dk.npy"), "dk"), "kv_heads")
+        run = ["run", *(f"--{x}={os.path.join(d, x + '.npy')}" for x in "qkv"), "--cu-seqlens",
+               os.path.join(d, "cu_seqlens.npy"), "--block-size", "16", "--top-k", "3", "--out", self.path("never")]
+        self.assert_one_line(tool(*run, "--dout", os.path.join(d, "k.npy")), "--dout", "[115, 2, 16]", "must match")
+        self.assert_one_line(tool(*run, "--dout", self.path("missing.npy")), "--dout", "cannot open")
 
 if __name__ == "__main__":
     unittest.main()

@@ -62,6 +62,14 @@ double spec_bound(const std::string& dtype) {
   return 1e-2;
 }
 
+/// SPEC §Precision bound on dq, dk and dv.
+double spec_gradient_bound(const std::string& dtype) {
+  if (dtype == "f64") return 1e-10;
+  if (dtype == "f32") return 1e-5;
+  if (dtype == "f16") return 5e-3;
+  return 2e-2;
+}
+
 // ---- Options. Numbers are parsed here rather than by CLI11, which accepts "0x10" and " 4", saturates
 // overflow and wraps "-1" into an unsigned seed.
 
@@ -280,13 +288,15 @@ struct settings {
   moba::config cfg;
   std::string dtype = "f32", backend = "reference", mode = "sparse";
   std::optional<double> scale;
+  bool grad = false;  // also the backward, from inputs.dout
 };
 
-/// Inputs in dtype T, packed varlen.
+/// Inputs in dtype T, packed varlen; dout is empty unless gradients are wanted.
 template <class T>
 struct inputs {
   std::vector<T> q, k, v;
   std::vector<std::int32_t> cu_q, cu_k;
+  std::vector<T> dout;
   std::int64_t total_q() const { return cu_q.back(); }
   std::int64_t total_k() const { return cu_k.back(); }
 };
@@ -315,11 +325,46 @@ void run_backend(const settings& s, const inputs<T>& in, std::vector<T>& out, st
 }
 
 template <class T>
+struct gradients {
+  std::vector<T> dq, dk, dv;
+};
+
+/// The backward of one backend from its own forward's out, lse and selection (held fixed, SPEC §Backward).
+template <class Backend, class T>
+void backward_backend(const settings& s, const inputs<T>& in, const std::vector<T>& out,
+                      const std::vector<moba::accum_t<T>>& lse, const std::vector<std::int32_t>& selected,
+                      std::int64_t width, gradients<T>& g) {
+  const std::int64_t tq = in.total_q(), tk = in.total_k(), hq = s.q_heads, hkv = s.kv_heads, d = s.head_dim;
+  if (in.dout.size() != in.q.size()) throw std::logic_error("moba-ref: dout does not match q");
+  g.dq.assign(in.q.size(), T{});
+  g.dk.assign(in.k.size(), T{});
+  g.dv.assign(in.v.size(), T{});
+  moba::attention<Backend, T> attn(s.cfg);
+  attn.backward({.q = moba::packed(in.q.data(), tq, hq, d),
+                 .k = moba::packed(in.k.data(), tk, hkv, d),
+                 .v = moba::packed(in.v.data(), tk, hkv, d),
+                 .out = moba::packed(out.data(), tq, hq, d),
+                 .dout = moba::packed(in.dout.data(), tq, hq, d),
+                 .lse = moba::bsh(lse.data(), 1, tq, hq),
+                 .dq = moba::packed(g.dq.data(), tq, hq, d),
+                 .dk = moba::packed(g.dk.data(), tk, hkv, d),
+                 .dv = moba::packed(g.dv.data(), tk, hkv, d),
+                 .cu_seqlens_q = in.cu_q,
+                 .cu_seqlens_k = in.cu_k,
+                 .selection = moba::selection(selected.data(), 1, tq, hq, width)});
+}
+
+/// Forward (and backward when in.dout is given) on the backend named by --backend.
+template <class T>
 void run_named_backend(const settings& s, const inputs<T>& in, std::vector<T>& out, std::vector<moba::accum_t<T>>& lse,
-                       std::vector<std::int32_t>& selected, std::int64_t width) {
-  if (s.backend == "reference") return run_backend<moba::reference, T>(s, in, out, lse, selected, width);
+                       std::vector<std::int32_t>& selected, std::int64_t width, gradients<T>& g) {
+  const auto both = [&]<class Backend>() {
+    run_backend<Backend, T>(s, in, out, lse, selected, width);
+    if (s.grad) backward_backend<Backend, T>(s, in, out, lse, selected, width, g);
+  };
+  if (s.backend == "reference") return both.template operator()<moba::reference>();
 #if __has_include(<moba/backends/cpu/forward.hpp>)
-  if (s.backend == "cpu") return run_backend<moba::cpu, T>(s, in, out, lse, selected, width);
+  if (s.backend == "cpu") return both.template operator()<moba::cpu>();
 #endif
   throw usage_error("moba-ref was built without the " + s.backend + " backend; use --backend reference");
 }
@@ -336,15 +381,18 @@ void compute_and_write(const settings& s, const inputs<T>& in, staging& stage, j
   std::vector<T> out;
   std::vector<moba::accum_t<T>> lse;
   std::vector<std::int32_t> selected;
-  run_named_backend<T>(s, in, out, lse, selected, width);
+  gradients<T> g;
+  run_named_backend<T>(s, in, out, lse, selected, width, g);
 
-  // The float64 result on the same (already rounded) inputs.
-  inputs<double> wide{{}, {}, {}, in.cu_q, in.cu_k};
-  for (auto [from, to] : {std::pair{&in.q, &wide.q}, {&in.k, &wide.k}, {&in.v, &wide.v}})
+  // The float64 result on the same (already rounded) inputs: its own forward, then its backward
+  // from that forward, as a float64 kernel would compute them.
+  inputs<double> wide{{}, {}, {}, in.cu_q, in.cu_k, {}};
+  for (auto [from, to] : {std::pair{&in.q, &wide.q}, {&in.k, &wide.k}, {&in.v, &wide.v}, {&in.dout, &wide.dout}})
     for (const T& x : *from) to->push_back(moba::to_double(x));
   std::vector<double> out64, lse64;
   std::vector<std::int32_t> selected64;
-  run_named_backend<double>(s, wide, out64, lse64, selected64, width);
+  gradients<double> g64;
+  run_named_backend<double>(s, wide, out64, lse64, selected64, width, g64);
 
   const std::int64_t tq = in.total_q(), tk = in.total_k(), hq = s.q_heads, hkv = s.kv_heads, d = s.head_dim;
   auto put = [&stage]<class E>(const std::string& name, const std::string& descr, std::vector<std::int64_t> shape,
@@ -364,6 +412,15 @@ void compute_and_write(const settings& s, const inputs<T>& in, staging& stage, j
   put("lse.npy", npy_descr<moba::accum_t<T>>(), {tq, hq}, lse);
   put("lse_f64.npy", "<f8", {tq, hq}, lse64);
   put("selected.npy", "<i4", {tq, hq, width}, selected);
+  if (s.grad) {
+    if (write_inputs) put("dout.npy", npy_descr<T>(), {tq, hq, d}, in.dout);
+    put("dq.npy", npy_descr<T>(), {tq, hq, d}, g.dq);
+    put("dk.npy", npy_descr<T>(), {tk, hkv, d}, g.dk);
+    put("dv.npy", npy_descr<T>(), {tk, hkv, d}, g.dv);
+    put("dq_f64.npy", "<f8", {tq, hq, d}, g64.dq);
+    put("dk_f64.npy", "<f8", {tk, hkv, d}, g64.dk);
+    put("dv_f64.npy", "<f8", {tk, hkv, d}, g64.dv);
+  }
 
   meta["dtype"] = s.dtype;
   meta["backend"] = s.backend;
@@ -377,6 +434,7 @@ void compute_and_write(const settings& s, const inputs<T>& in, staging& stage, j
   meta["cu_seqlens_q"] = in.cu_q;
   meta["cu_seqlens_k"] = in.cu_k;
   meta["selected_width"] = width;
+  meta["grad"] = s.grad;
   meta["moba_version"] = moba::version_string;
   meta["bf16_storage"] = "bfloat16 arrays are stored as <u2 bit patterns";
   const std::string text = meta.dump(2) + '\n';
@@ -480,10 +538,15 @@ void generate(settings s, const std::vector<std::int64_t>& seqlens, std::uint64_
     std::normal_distribution<double> normal;
     inputs<T> in;
     in.cu_q = in.cu_k = cu;
-    // Drawn in double in the order q, k, v, then rounded once to T.
+    // Drawn in double in the order q, k, v (then dout, so that --grad leaves q, k, v as they were),
+    // then rounded once to T.
     for (auto [x, heads] : {std::pair{&in.q, s.q_heads}, {&in.k, s.kv_heads}, {&in.v, s.kv_heads}}) {
       x->resize(cu.back() * heads * s.head_dim);
       for (auto& e : *x) e = moba::from_double<T>(normal(rng));
+    }
+    if (s.grad) {
+      in.dout.resize(in.q.size());
+      for (auto& e : in.dout) e = moba::from_double<T>(normal(rng));
     }
     json meta{{"command", "generate"}, {"seed", seed}, {"seqlens", seqlens}};
     compute_and_write<T>(s, in, stage, meta, true);
@@ -492,7 +555,7 @@ void generate(settings s, const std::vector<std::int64_t>& seqlens, std::uint64_
 }
 
 void run(settings s, const std::string& q_path, const std::string& k_path, const std::string& v_path,
-         const std::string& cu_path, const std::string& cu_k_path, const fs::path& out) {
+         const std::string& cu_path, const std::string& cu_k_path, const std::string& dout_path, const fs::path& out) {
   apply_mode(s);
   // Everything is read and checked before the output folder is made.
   const npy::array q = read_npy("--q", q_path), k = read_npy("--k", k_path), v = read_npy("--v", v_path);
@@ -522,13 +585,23 @@ void run(settings s, const std::string& q_path, const std::string& k_path, const
   };
   check_tokens(cu_q, "--cu-seqlens " + cu_path, q, "--q " + q_path);
   check_tokens(cu_k, cu_k_path.empty() ? "--cu-seqlens " + cu_path : "--cu-seqlens-k " + cu_k_path, k, "--k " + k_path);
+  npy::array dout;
+  if (!dout_path.empty()) {
+    dout = read_npy("--dout", dout_path);
+    check_float_input(dout, "--dout", dout_path, s.dtype);
+    if (dout.shape != q.shape)
+      throw usage_error("--dout " + dout_path + " has shape " + npy::dims(dout.shape) + " but --q " + q_path + " has " +
+                        npy::dims(q.shape) + "; they must match");
+    s.grad = true;
+  }
   s.q_heads = q.shape[1];
   s.kv_heads = k.shape[1];
   s.head_dim = q.shape[2];
   staging stage(out);
   with_dtype(s.dtype, [&]<class T>() {
-    inputs<T> in{convert_input<T>(q), convert_input<T>(k), convert_input<T>(v), cu_q, cu_k};
-    json meta{{"command", "run"}, {"inputs", {q_path, k_path, v_path, cu_path, cu_k_path}}};
+    inputs<T> in{convert_input<T>(q), convert_input<T>(k), convert_input<T>(v), cu_q, cu_k,
+                 s.grad ? convert_input<T>(dout) : std::vector<T>{}};
+    json meta{{"command", "run"}, {"inputs", {q_path, k_path, v_path, cu_path, cu_k_path, dout_path}}};
     compute_and_write<T>(s, in, stage, meta, false);
   });
   stage.commit();
@@ -560,9 +633,10 @@ std::vector<double> as_doubles(const npy::array& a, const std::string& name) {
 struct expected_meta {
   std::string dtype;
   std::int64_t tokens = 0, q_heads = 0, head_dim = 0;
+  std::int64_t tokens_k = 0, kv_heads = 0;  // read for dk and dv only
 };
 
-expected_meta read_meta(const fs::path& path) {
+expected_meta read_meta(const fs::path& path, bool keys) {
   std::ifstream file(path);
   if (!file) throw usage_error("--expected: cannot read " + path.string());
   try {
@@ -583,6 +657,12 @@ expected_meta read_meta(const fs::path& path) {
     const json& cu = meta.at("cu_seqlens_q");
     if (!cu.is_array() || cu.empty()) throw usage_error(path.string() + ": cu_seqlens_q is not a non-empty list");
     m.tokens = integer(cu.back(), "cu_seqlens_q[-1]", 0);
+    if (keys) {
+      m.kv_heads = integer(meta.at("kv_heads"), "kv_heads", 1);
+      const json& cu_k = meta.at("cu_seqlens_k");
+      if (!cu_k.is_array() || cu_k.empty()) throw usage_error(path.string() + ": cu_seqlens_k is not a non-empty list");
+      m.tokens_k = integer(cu_k.back(), "cu_seqlens_k[-1]", 0);
+    }
     return m;
   } catch (const json::exception& e) {
     throw usage_error(path.string() + ": " + e.what());
@@ -591,10 +671,15 @@ expected_meta read_meta(const fs::path& path) {
 
 int check(const fs::path& expected_dir, const std::string& actual_path, const std::string& what,
           std::optional<double> tol) {
-  const expected_meta meta = read_meta(expected_dir / "meta.json");
+  const bool keys = what == "dk" || what == "dv", gradient = keys || what == "dq";
+  const expected_meta meta = read_meta(expected_dir / "meta.json", keys);
   const std::string expected_path = (expected_dir / (what + "_f64.npy")).string();
+  if (gradient && !exists_or_link(expected_path))
+    throw usage_error("--expected " + expected_dir.string() + " has no " + what +
+                      "_f64.npy; write the gradients with generate --grad (or run --dout)");
   const npy::array expected_npy = read_npy("--expected", expected_path);
   std::vector<std::int64_t> want{meta.tokens, meta.q_heads, meta.head_dim};
+  if (keys) want = {meta.tokens_k, meta.kv_heads, meta.head_dim};
   if (what == "lse") want.pop_back();
   if (expected_npy.shape != want || expected_npy.descr != "<f8")
     throw usage_error(expected_path + " has shape " + npy::dims(expected_npy.shape) + " and dtype " +
@@ -621,16 +706,18 @@ int check(const fs::path& expected_dir, const std::string& actual_path, const st
     }
   }
   const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  const double bound = tol ? *tol : spec_bound(meta.dtype);
+  const double bound = tol ? *tol : gradient ? spec_gradient_bound(meta.dtype) : spec_bound(meta.dtype);
   std::printf("%s: relative error %.3e (tolerance %.1e, %s)\n", what.c_str(), rel, bound,
               tol ? "--tol" : ("SPEC bound for " + meta.dtype).c_str());
   if (e.empty()) {
     std::printf("no elements to compare\n");
   } else {  // e is not empty, so heads and dim are >= 1 (read_meta checked them)
-    const std::int64_t heads = meta.q_heads, dim = what == "out" ? meta.head_dim : 1, i = static_cast<std::int64_t>(at);
-    std::printf("largest absolute error %.3e at token %lld, head %lld", worst,
-                static_cast<long long>(i / (heads * dim)), static_cast<long long>(i / dim % heads));
-    if (what == "out") std::printf(", dim %lld", static_cast<long long>(i % dim));
+    const bool has_dim = what != "lse";
+    const std::int64_t heads = keys ? meta.kv_heads : meta.q_heads, dim = has_dim ? meta.head_dim : 1,
+                       i = static_cast<std::int64_t>(at);
+    std::printf("largest absolute error %.3e at %stoken %lld, %shead %lld", worst, keys ? "key " : "",
+                static_cast<long long>(i / (heads * dim)), keys ? "kv " : "", static_cast<long long>(i / dim % heads));
+    if (has_dim) std::printf(", dim %lld", static_cast<long long>(i % dim));
     std::printf(" (actual %.9g, expected %.9g)\n", a[at], e[at]);
   }
   const bool pass = rel <= bound;
@@ -653,7 +740,7 @@ int run_main(int argc, char** argv) {
   settings s;
   // Numbers arrive as text and are parsed strictly below.
   std::string seqlens, q_heads, kv_heads, head_dim, seed = "0", block_size, top_k, scale, tol;
-  std::string out, q, k, v, cu, cu_k, expected, actual, what = "out";
+  std::string out, q, k, v, cu, cu_k, dout, expected, actual, what = "out";
 
   auto add_common = [&](CLI::App* c) {
     c->add_option("--block-size", block_size, "keys per block, B >= 1")->required();
@@ -675,6 +762,7 @@ int run_main(int argc, char** argv) {
   gen->add_option("--dtype", s.dtype, "f64, f32, f16 or bf16 (bf16 stored as <u2 bits)")
       ->check(CLI::IsMember({"f64", "f32", "f16", "bf16"}));
   gen->add_option("--seed", seed, "random seed, 0 to 2^64 - 1");
+  gen->add_flag("--grad", s.grad, "also draw dout and write the backward pass: dout, dq, dk, dv (and *_f64)");
   CLI::Option* gen_scale = add_common(gen);
 
   auto* runc = app.add_subcommand("run", "compute the forward pass on your own .npy inputs");
@@ -683,6 +771,7 @@ int run_main(int argc, char** argv) {
   runc->add_option("--v", v, "v.npy [total_k, Hkv, D]")->required();
   runc->add_option("--cu-seqlens", cu, "cu_seqlens.npy (<i4 or <i8), batch + 1 offsets")->required();
   runc->add_option("--cu-seqlens-k", cu_k, "key offsets when they differ from the query's (q_len < k_len)");
+  runc->add_option("--dout", dout, "dout.npy [total_q, Hq, D]: also write the backward pass (dq, dk, dv and *_f64)");
   std::string run_dtype;
   runc->add_option("--dtype", run_dtype, "compute dtype (default: q's); <f8 inputs are converted to it")
       ->check(CLI::IsMember({"f64", "f32", "f16", "bf16"}));
@@ -690,8 +779,10 @@ int run_main(int argc, char** argv) {
 
   auto* chk = app.add_subcommand("check", "compare an output with the float64 result of a generate/run folder");
   chk->add_option("--expected", expected, "a folder written by generate or run")->required();
-  chk->add_option("--actual", actual, "your output .npy (out: [total, Hq, D], lse: [total, Hq])")->required();
-  chk->add_option("--what", what, "out or lse")->check(CLI::IsMember({"out", "lse"}));
+  chk->add_option("--actual", actual,
+                  "your .npy (out, dq: [total_q, Hq, D]; lse: [total_q, Hq]; dk, dv: [total_k, Hkv, D])")
+      ->required();
+  chk->add_option("--what", what, "out, lse, dq, dk or dv")->check(CLI::IsMember({"out", "lse", "dq", "dk", "dv"}));
   CLI::Option* tol_opt =
       chk->add_option("--tol", tol, "relative-error tolerance, >= 0 (default: SPEC's bound for the dtype)");
 
@@ -720,7 +811,7 @@ int run_main(int argc, char** argv) {
     if (runc->parsed()) {
       s.dtype = run_dtype;
       const fs::path out_path = parse_out(out);
-      run(s, q, k, v, cu, cu_k, out_path);
+      run(s, q, k, v, cu, cu_k, dout, out_path);
     }
     if (chk->parsed()) {
       std::optional<double> tolerance;
