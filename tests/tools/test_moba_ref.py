@@ -4,8 +4,10 @@
 catches a perturbation, every bad input exits 2 with one message leaving no output behind, failed
 writes are reported, and an interrupted run removes its temporary folder."""
 import json
+import math
 import os
 import pathlib
+import re
 import resource
 import shutil
 import signal
@@ -14,6 +16,7 @@ import sys
 import tempfile
 import time
 import unittest
+import xml.etree.ElementTree as ET
 
 import numpy as np
 
@@ -90,6 +93,110 @@ def numpy_moba(q, k, v, dout, cu_q, cu_k, sel, block, scale):
             dk[ka:ka + m, h // group] += scale * ds.T @ qs
             dv[ka:ka + m, h // group] += p.T @ do
     return out, dq, dk, dv
+
+
+def positions(cu_q, cu_k):
+    """Each query token's absolute position (bottom-right aligned) and its sequence's key offset."""
+    pos, start = [], []
+    for b in range(len(cu_q) - 1):
+        n, m = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+        pos += list(m - n + np.arange(n))
+        start += [cu_k[b]] * n
+    return np.array(pos, dtype=np.int64), np.array(start, dtype=np.int64)
+
+
+def svg_map(path):
+    """What an SVG written by plot shows: {(first token, end token, block): share} from the cells'
+    geometry and opacity, the red trace as (token, block) points, and every text."""
+    root = ET.parse(path).getroot()
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    plot = root.find("s:rect[@id='plot']", ns)
+    px, py, pw, ph = (float(plot.get(a)) for a in ["x", "y", "width", "height"])
+    blocks, tokens = int(plot.get("data-blocks")), int(plot.get("data-tokens"))
+    cw = pw / blocks
+    token = lambda y: round((float(y) - py) / ph * tokens)
+    cells = {}
+    for r in root.iterfind("s:rect[@class='cell']", ns):
+        x, y, w, h = (float(r.get(a)) for a in ["x", "y", "width", "height"])
+        self_block = (x - px) / cw
+        assert abs(self_block - round(self_block)) < 1e-3 and abs(w - cw) < 1e-3, (x, w)
+        cells[(token(y), token(y + h), round(self_block))] = float(r.get("fill-opacity"))
+    trace = []
+    for line in root.iterfind("s:polyline[@class='current']", ns):
+        for point in line.get("points").split():
+            x, y = point.split(",")
+            trace.append((token(y), (float(x) - px) / cw - 0.5))
+    texts = [t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    return cells, trace, texts, plot
+
+
+def expected_map(sel, cu_q, max_rows, head=None):
+    """The cells plot should draw, computed from selected.npy: rows of ceil(tokens / max_rows) tokens
+    that never straddle two sequences, each block's share of the row's (token, head) pairs."""
+    tokens = sel.shape[0]
+    size = max(1, -(-tokens // max_rows))
+    heads = [head] if head is not None else range(sel.shape[1])
+    cells = {}
+    for b in range(len(cu_q) - 1):
+        for t0 in range(cu_q[b], cu_q[b + 1], size):
+            t1 = min(t0 + size, cu_q[b + 1])
+            chosen = sel[t0:t1, heads].reshape(-1)
+            for j in np.unique(chosen[chosen >= 0]):
+                cells[(t0, t1, int(j))] = np.count_nonzero(chosen == j) / ((t1 - t0) * len(heads))
+    return cells
+
+
+def parse_stats(text):
+    """The numbers stats prints."""
+    number = lambda pattern: [int(x) for x in re.search(pattern, text).groups()]
+    table = {int(m[0]): [int(m[1]), int(m[2]), int(m[3])]
+             for m in re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+\S+$", text, re.M)}
+    out = {"blocks": number(r"attended blocks: (\d+) of (\d+)"), "table": table}
+    if "causal pairs" in text:
+        out["pairs"] = number(r"attended key pairs: (\d+) of (\d+) causal pairs")
+    if "rows with a choice" in text:
+        out["ties"] = number(r"near-ties: (\d+) of (\d+) rows with a choice")
+    return out
+
+
+def numpy_stats(sel, cu_q, cu_k, block):
+    """stats' numbers, from SPEC: block load, attended blocks and key pairs."""
+    pos, _ = positions(cu_q, cu_k)
+    cur = pos // block
+    n_blocks = int(max(cur.max(initial=0) + 1, max(-(-(cu_k[b + 1] - cu_k[b]) // block) for b in range(len(cu_k) - 1))))
+    table = {j: [0, 0, 0] for j in range(n_blocks)}
+    valid = sel >= 0
+    for j in range(n_blocks):
+        table[j][0] = int(np.count_nonzero((sel == j) & (cur[:, None, None] == j)))
+        table[j][1] = int(np.count_nonzero((sel == j) & (cur[:, None, None] != j)))
+        table[j][2] = int(np.count_nonzero(cur > j) * sel.shape[1])
+    count = valid.sum(2)
+    pairs = int(np.sum((pos - cur * block + 1)[:, None] + (count - 1) * block))
+    return {"blocks": [int(valid.sum()), int(np.sum(cur + 1) * sel.shape[1])], "table": table,
+            "pairs": [pairs, int(np.sum(pos + 1) * sel.shape[1])]}
+
+
+def numpy_near_ties(q, k, cu_q, cu_k, block, top_k, eps):
+    """Rows (token, head) with more than K-1 history blocks whose (K-1)-th and K-th best history
+    scores q . mean(block) are within 4 (D + 2) eps of the larger |q_e kbar_e| sum: (ties, rows)."""
+    pos, _ = positions(cu_q, cu_k)
+    group, d = q.shape[1] // k.shape[1], q.shape[2]
+    ties = rows = 0
+    for b in range(len(cu_q) - 1):
+        ks = k[cu_k[b]:cu_k[b + 1]]
+        kbar = np.stack([ks[j:j + block].mean(0) for j in range(0, len(ks), block)]) if len(ks) else None
+        for t in range(cu_q[b], cu_q[b + 1]):
+            c = pos[t] // block
+            if top_k < 2 or c <= top_k - 1:
+                continue
+            for h in range(q.shape[1]):
+                prod = q[t, h] * kbar[:c, h // group]
+                score, mag = prod.sum(1), np.abs(prod).sum(1)
+                order = sorted(range(c), key=lambda j: (-score[j], j))
+                a, z = order[top_k - 2], order[top_k - 1]
+                rows += 1
+                ties += abs(score[a] - score[z]) <= 4 * (d + 2) * eps * max(mag[a], mag[z])
+    return ties, rows
 
 
 # Long enough (seconds) to be interrupted while it computes, and light on memory.
@@ -568,6 +675,113 @@ class MobaRef(unittest.TestCase):
                os.path.join(d, "cu_seqlens.npy"), "--block-size", "16", "--top-k", "3", "--out", self.path("never")]
         self.assert_one_line(tool(*run, "--dout", os.path.join(d, "k.npy")), "--dout", "[115, 2, 16]", "must match")
         self.assert_one_line(tool(*run, "--dout", self.path("missing.npy")), "--dout", "cannot open")
+
+    def test_plot_draws_what_selected_npy_holds(self):
+        seed = fresh_seed()
+        with self.subTest(seed=seed):
+            d = self.path("g")
+            r = tool(*gen(seqlens="70,0,45,33", q_heads="4", kv_heads="2"), "--seed", str(seed), "--out", d)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            sel, cu = np.load(os.path.join(d, "selected.npy")), np.load(os.path.join(d, "cu_seqlens.npy"))
+            for name, from_, extra, max_rows, head in [("all", d, [], 1000, None), ("binned", d, [], 10, None),
+                                                      ("head", d, ["--head", "2"], 7, 2),
+                                                      ("bare", os.path.join(d, "selected.npy"), [], 1000, None)]:
+                svg = self.path(name + ".svg")
+                r = tool("plot", "--from", from_, "--out", svg, "--max-rows", str(max_rows), *extra)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                cells, trace, texts, plot = svg_map(svg)
+                bare = name == "bare"
+                want = expected_map(sel, [0, sel.shape[0]] if bare else cu, max_rows, head)
+                self.assertEqual(sorted(cells), sorted(want), name)
+                for key, share in want.items():
+                    self.assertAlmostEqual(cells[key], share, delta=1e-4, msg=f"{name} {key}")
+                # The trace passes through each row's current block: its first and its last token's.
+                current = sel.max(axis=(1, 2))
+                self.assertTrue(trace)
+                for t, block in trace:
+                    near = [current[x] for x in [t - 1, t] if 0 <= x < len(current)]  # a row's start or end
+                    self.assertTrue(any(abs(block - c) < 1e-3 for c in near), (name, t, block))
+                self.assertEqual(int(plot.get("data-blocks")), 5)  # 70 tokens: blocks 0..4
+                for label in ["key block", "query token", "current block (causal part)", "share of the row's queries"]:
+                    self.assertTrue(any(label in x for x in texts), (name, label))
+                self.assertTrue(any(("head 2" if head == 2 else "all 4 heads") in x for x in texts), name)
+
+    def test_stats_match_numpy_on_random_and_planted_ties(self):
+        seed = fresh_seed()
+        with self.subTest(seed=seed):
+            rng = np.random.default_rng(seed)
+            d = self.path("g")
+            r = tool(*gen(dtype="f32", seqlens="100,0,57", top_k="3"), "--seed", str(seed), "--out", d)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            # Own inputs (q_len < k_len in the second sequence) with blocks 0 and 1 of every sequence
+            # holding the same keys: their scores tie exactly for every query, the gate must break the tie.
+            q, k, v = (rng.standard_normal((n, h, 16)).astype(np.float32) for n, h in [(110, 2), (150, 1), (150, 1)])
+            for start in [0, 80]:
+                k[start + 16:start + 32] = k[start:start + 16]
+            o = self.path("o")
+            files = {"q": q, "k": k, "v": v, "cq": np.array([0, 80, 110], np.int32), "ck": np.array([0, 80, 150], np.int32)}
+            for name, x in files.items():
+                np.save(self.path(name + ".npy"), x)
+            r = tool("run", *(f"--{x}={self.path(x + '.npy')}" for x in "qkv"), "--cu-seqlens", self.path("cq.npy"),
+                     "--cu-seqlens-k", self.path("ck.npy"), "--block-size", "16", "--top-k", "2", "--out", o)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            r = tool("stats", "--from", o)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertIn("near-ties: not computed", r.stdout)  # run writes no q.npy, k.npy
+            shutil.copy(self.path("q.npy"), o)
+            shutil.copy(self.path("k.npy"), o)
+            for folder, cu_q, cu_k, block, top_k in [(d, [0, 100, 100, 157], [0, 100, 100, 157], 16, 3),
+                                                     (o, files["cq"], files["ck"], 16, 2)]:
+                r = tool("stats", "--from", folder)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                got, sel = parse_stats(r.stdout), np.load(os.path.join(folder, "selected.npy"))
+                want = numpy_stats(sel, np.array(cu_q), np.array(cu_k), block)
+                for key in ["blocks", "table", "pairs"]:
+                    self.assertEqual(got[key], want[key], f"{folder} {key}\n{r.stdout}")
+                qf, kf = (np.load(os.path.join(folder, x + ".npy")).astype(np.float64) for x in "qk")
+                ties = numpy_near_ties(qf, kf, np.array(cu_q), np.array(cu_k), block, top_k, 6e-8)
+                self.assertEqual(tuple(got["ties"]), ties, r.stdout)
+            self.assertGreater(ties[0], ties[1] // 10, "the planted ties were not seen")
+            self.assertEqual(got["table"][1][1], 0, "an exact tie goes to the lower block, 0")
+            # A bare selected.npy: the block-level numbers only.
+            r = tool("stats", "--from", os.path.join(d, "selected.npy"))
+            self.assertEqual(r.returncode, 0, r.stderr)
+            got, want = parse_stats(r.stdout), numpy_stats(np.load(os.path.join(d, "selected.npy")),
+                                                          np.array([0, 157]), np.array([0, 157]), 16)
+            self.assertEqual(got["blocks"], [want["blocks"][0], parse_stats(tool("stats", "--from", d).stdout)["blocks"][1]])
+            self.assertNotIn("pairs", got)
+
+    def test_bad_selections_exit_2_and_leave_no_svg(self):
+        d = self.generate("g")
+        sel = np.load(os.path.join(d, "selected.npy"))
+        cases = {"descending": (sel[:, :, ::-1], "token 0, head 0"),
+                 "hole": (np.array([[[0, -1, 2]]], np.int32), "expected ascending blocks"),
+                 "int64": (sel.astype(np.int64), "<i8"), "two_d": (sel[:, 0], "[115, 3]")}
+        mixed = np.full((2, 2, 1), 0, np.int32)
+        mixed[1, 1, 0] = 1  # the heads of token 1 disagree about its current block
+        cases["mixed"] = (mixed, "token 1, head 1")
+        for name, (array, needle) in cases.items():
+            np.save(self.path(name + ".npy"), np.ascontiguousarray(array))
+            for command in ["stats", "plot"]:
+                with self.subTest(name=name, command=command):
+                    extra = ["--out", self.path("never")] if command == "plot" else []
+                    self.assert_one_line(tool(command, "--from", self.path(name + ".npy"), *extra), needle)
+        bad_meta = self.path("bad_meta")
+        shutil.copytree(d, bad_meta)
+        meta = json.loads(pathlib.Path(bad_meta, "meta.json").read_text())
+        pathlib.Path(bad_meta, "meta.json").write_text(json.dumps(dict(meta, block_size=32)))
+        never = ["--out", self.path("never")]
+        self.assert_one_line(tool("stats", "--from", bad_meta), "ending at its current block")
+        self.assert_one_line(tool("plot", "--from", d, "--head", "4", *never), "--head = '4'", "4 heads")
+        self.assert_one_line(tool("plot", "--from", d, "--max-rows", "0", *never), "--max-rows = '0'")
+        self.assert_one_line(tool("plot", "--from", self.path("missing"), *never), "missing", "cannot open")
+        self.assert_one_line(tool("stats", "--from", self.dir), "meta.json")
+        existing = self.path("map.svg")
+        pathlib.Path(existing).write_text("mine")
+        r = tool("plot", "--from", d, "--out", existing)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertEqual(pathlib.Path(existing).read_text(), "mine")
+        self.assertEqual([f for f in os.listdir(self.dir) if "tmp" in f], [])
 
 if __name__ == "__main__":
     unittest.main()

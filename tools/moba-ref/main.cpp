@@ -18,10 +18,12 @@
 #include <fstream>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <pthread.h>
 #include <random>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <unistd.h>
 #include <vector>
 
@@ -196,9 +198,10 @@ class staging {
     write((tmp_ / name).string());
   }
 
-  void commit() {
+  /// Renames the folder to --out; or, given `only`, that one file of it (plot's SVG), the folder then removed.
+  void commit(const std::string& only = "") {
     std::lock_guard lock(stage_mutex);
-    if (rename_noreplace(tmp_, out_) != 0) {
+    if (rename_noreplace(only.empty() ? tmp_ : tmp_ / only, out_) != 0) {
       const int err = errno;
       throw std::runtime_error(
           err == EEXIST || err == ENOTEMPTY
@@ -207,6 +210,8 @@ class staging {
     }
     committed_ = true;
     active_stage = nullptr;
+    std::error_code ec;
+    if (!only.empty()) fs::remove_all(tmp_, ec);  // what is left is a temporary folder at worst
   }
 
   /// Removes what this run made; stage_mutex is held. Never throws: it also runs on the way out of errors.
@@ -725,6 +730,389 @@ int check(const fs::path& expected_dir, const std::string& actual_path, const st
   return pass ? 0 : 1;
 }
 
+// ---- stats and plot: what the gate chose, from a generate/run folder or a bare selected.npy.
+
+/// A selection checked row by row, with what is known about its queries. From a folder, meta.json
+/// gives each token's position and the sequences; a bare selected.npy is one run of rows whose
+/// current block is each row's largest entry (SPEC §Blocks 5: the current block is the last).
+struct selection_info {
+  std::string source;  // the file, for messages
+  std::vector<std::int32_t> sel;  // [tokens, heads, width]
+  std::int64_t tokens = 0, heads = 0, width = 0, blocks = 0;  // blocks: the key blocks on the x axis
+  std::vector<std::int64_t> current, pos;  // per token; pos only with meta.json
+  std::vector<std::int32_t> cu_q, cu_k;    // the sequences ({0, tokens} for a bare file)
+  bool have_meta = false;
+  std::int64_t block_size = 0, top_k = 0, kv_heads = 0, head_dim = 0;
+  std::string dtype, mode;
+  fs::path folder;
+};
+
+std::vector<std::int32_t> meta_offsets(const json& meta, const std::string& key, const std::string& file) {
+  const json& cu = meta.at(key);
+  if (!cu.is_array() || cu.empty() || cu[0] != 0)
+    throw usage_error(file + ": " + key + " is not a list of offsets starting at 0");
+  std::vector<std::int32_t> out;
+  for (const json& v : cu) {
+    if (!v.is_number_integer() || v.get<std::int64_t>() < (out.empty() ? 0 : out.back()) ||
+        v.get<std::int64_t>() > max_tokens)
+      throw usage_error(file + ": " + key + " holds " + v.dump() + ", not a non-decreasing offset");
+    out.push_back(v.get<std::int32_t>());
+  }
+  return out;
+}
+
+selection_info load_selection(const std::string& from) {
+  selection_info s;
+  const bool folder = fs::is_directory(from);
+  s.source = folder ? (fs::path(from) / "selected.npy").string() : from;
+  if (folder) {
+    s.folder = from;
+    const std::string file = (s.folder / "meta.json").string();
+    std::ifstream in(file);
+    if (!in) throw usage_error("--from: cannot read " + file);
+    try {
+      const json meta = json::parse(in);
+      const auto integer = [&](const std::string& key, std::int64_t lo) {
+        const json& v = meta.at(key);
+        if (!v.is_number_integer() || v.get<std::int64_t>() < lo || v.get<std::int64_t>() > max_tokens)
+          throw usage_error(file + ": " + key + " = " + v.dump() + " is not an integer from " + std::to_string(lo) +
+                            " to " + std::to_string(max_tokens));
+        return v.get<std::int64_t>();
+      };
+      s.block_size = integer("block_size", 1);
+      s.top_k = integer("top_k", 1);
+      s.kv_heads = integer("kv_heads", 1);
+      s.head_dim = integer("head_dim", 1);
+      const json &dtype = meta.at("dtype"), &mode = meta.at("mode");
+      if (!dtype.is_string() || dtype_of(descr_of(dtype.get<std::string>())) != dtype.get<std::string>())
+        throw usage_error(file + ": dtype = " + dtype.dump() + " is not \"f64\", \"f32\", \"f16\" or \"bf16\"");
+      if (mode != "sparse" && mode != "full") throw usage_error(file + ": mode = " + mode.dump() + " is not sparse or full");
+      s.dtype = dtype.get<std::string>();
+      s.mode = mode.get<std::string>();
+      s.cu_q = meta_offsets(meta, "cu_seqlens_q", file);
+      s.cu_k = meta_offsets(meta, "cu_seqlens_k", file);
+    } catch (const json::exception& e) {
+      throw usage_error(file + ": " + e.what());
+    }
+    if (s.cu_q.size() != s.cu_k.size())
+      throw usage_error(file + ": cu_seqlens_q and cu_seqlens_k have different lengths");
+    s.have_meta = true;
+  }
+  const npy::array a = read_npy("--from", s.source);
+  if (a.descr != "<i4" || a.shape.size() != 3 || a.shape[1] < 1 || a.shape[2] < 1)
+    throw usage_error(s.source + " has shape " + npy::dims(a.shape) + " and dtype " + a.descr +
+                      "; a selection is [tokens, heads >= 1, width >= 1] of <i4");
+  s.tokens = a.shape[0], s.heads = a.shape[1], s.width = a.shape[2];
+  s.sel.resize(static_cast<std::size_t>(a.count()));
+  if (!s.sel.empty()) std::memcpy(s.sel.data(), a.data.data(), a.data.size());
+  if (!s.have_meta) s.cu_q = s.cu_k = {0, static_cast<std::int32_t>(std::min(s.tokens, max_tokens))};
+  if (s.cu_q.back() != s.tokens)
+    throw usage_error(s.source + " has shape " + npy::dims(a.shape) + " but meta.json's cu_seqlens_q ends at " +
+                      std::to_string(s.cu_q.back()));
+  s.current.assign(s.tokens, 0);
+  if (s.have_meta) s.pos.assign(s.tokens, 0);
+  for (std::size_t b = 0; b + 1 < s.cu_q.size(); ++b) {
+    const std::int64_t q_len = s.cu_q[b + 1] - s.cu_q[b], k_len = s.cu_k[b + 1] - s.cu_k[b];
+    if (s.have_meta && q_len > k_len)
+      throw usage_error(s.folder.string() + "/meta.json: sequence " + std::to_string(b) + " has more queries than keys");
+    if (s.have_meta) s.blocks = std::max(s.blocks, moba::core::block_count(k_len, s.block_size));
+    for (std::int64_t i = 0; i < q_len; ++i) {
+      const std::int64_t t = s.cu_q[b] + i;
+      for (std::int64_t h = 0; h < s.heads; ++h) {
+        const std::int32_t* row = s.sel.data() + (t * s.heads + h) * s.width;
+        std::int64_t n = 0;
+        while (n < s.width && row[n] >= 0 && (n == 0 || row[n] > row[n - 1])) ++n;
+        bool ok = n > 0 && std::all_of(row + n, row + s.width, [](std::int32_t x) { return x == -1; });
+        std::int64_t c = ok ? row[n - 1] : -1;
+        if (s.have_meta) {
+          s.pos[t] = k_len - q_len + i;
+          ok = ok && c == s.pos[t] / s.block_size;
+          c = s.pos[t] / s.block_size;
+        } else if (h > 0) {
+          ok = ok && c == s.current[t];  // every head of a token has the same current block
+        }
+        if (!ok) {
+          std::string entries;
+          for (std::int64_t w = 0; w < s.width; ++w) entries += (w ? ", " : "") + std::to_string(row[w]);
+          throw usage_error(s.source + ": token " + std::to_string(t) + ", head " + std::to_string(h) + " holds [" +
+                            entries + "]; expected ascending blocks ending at its current block" +
+                            (s.have_meta ? " " + std::to_string(c) : "") + ", then -1");
+        }
+        s.current[t] = c;
+        s.blocks = std::max(s.blocks, c + 1);
+      }
+    }
+  }
+  return s;
+}
+
+/// "12.34%"; a share of nothing is 0.
+std::string percent(std::int64_t part, std::int64_t whole) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2f%%", whole ? 100.0 * static_cast<double>(part) / static_cast<double>(whole) : 0.0);
+  return text;
+}
+
+/// Rows whose (K−1)-th and K-th best history scores (the K-th and (K+1)-th blocks counting the
+/// current one) are within the gate's rounding, as the tests' near-tie rule (SPEC §Precision):
+/// there a kernel with other rounding may choose differently. Scores in double from the stored inputs.
+void print_near_ties(const selection_info& s) {
+  const std::string q_path = (s.folder / "q.npy").string(), k_path = (s.folder / "k.npy").string();
+  if (!s.have_meta || !exists_or_link(q_path) || !exists_or_link(k_path)) {
+    std::printf("near-ties: not computed (needs q.npy and k.npy beside meta.json, as generate writes them)\n");
+    return;
+  }
+  if (s.mode == "full") {
+    std::printf("near-ties: none possible (full mode selects every block)\n");
+    return;
+  }
+  const npy::array qa = read_npy("--from", q_path), ka = read_npy("--from", k_path);
+  for (auto [a, path, tokens, heads] : {std::tuple{&qa, q_path, s.tokens, s.heads}, {&ka, k_path, std::int64_t{s.cu_k.back()}, s.kv_heads}}) {
+    const std::vector<std::int64_t> want{tokens, heads, s.head_dim};
+    if (a->shape != want || a->descr != descr_of(s.dtype))
+      throw usage_error(path + " has shape " + npy::dims(a->shape) + " and dtype " + a->descr + " but meta.json says " +
+                        npy::dims(want) + " and " + descr_of(s.dtype));
+  }
+  if (s.heads % s.kv_heads != 0) throw usage_error(s.folder.string() + "/meta.json: q heads not a multiple of kv_heads");
+  const std::vector<double> q = as_doubles(qa, q_path), k = as_doubles(ka, k_path);
+  const double eps = s.dtype == "f64" ? 1.1e-16 : 6e-8;  // the gate's arithmetic: fp64 for double, else fp32
+  const std::int64_t d = s.head_dim, group = s.heads / s.kv_heads, need = s.top_k - 1;
+  std::int64_t rows = 0, ties = 0;
+  std::vector<double> kbar;
+  std::vector<std::pair<double, std::int64_t>> scored;  // (score, block), best first after partial_sort
+  for (std::size_t b = 0; b + 1 < s.cu_q.size(); ++b) {
+    const std::int64_t k_len = s.cu_k[b + 1] - s.cu_k[b], nb = moba::core::block_count(k_len, s.block_size);
+    for (std::int64_t kh = 0; kh < s.kv_heads; ++kh) {
+      kbar.assign(nb * d, 0);
+      for (std::int64_t x = 0; x < k_len; ++x)
+        for (std::int64_t e = 0; e < d; ++e) kbar[x / s.block_size * d + e] += k[((s.cu_k[b] + x) * s.kv_heads + kh) * d + e];
+      for (std::int64_t j = 0; j < nb; ++j)
+        for (std::int64_t e = 0; e < d; ++e)
+          kbar[j * d + e] /= static_cast<double>(std::min(k_len, (j + 1) * s.block_size) - j * s.block_size);
+      for (std::int64_t t = s.cu_q[b]; t < s.cu_q[b + 1]; ++t) {
+        const std::int64_t c = s.current[t];
+        if (need < 1 || c <= need) continue;  // the gate had no choice: every eligible block is taken
+        for (std::int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+          const double* qi = q.data() + (t * s.heads + h) * d;
+          scored.clear();
+          std::vector<double> magnitude(c);
+          for (std::int64_t j = 0; j < c; ++j) {
+            double dot = 0, mag = 0;
+            for (std::int64_t e = 0; e < d; ++e) dot += qi[e] * kbar[j * d + e], mag += std::abs(qi[e] * kbar[j * d + e]);
+            scored.emplace_back(dot, j);
+            magnitude[j] = mag;
+          }
+          std::partial_sort(scored.begin(), scored.begin() + need + 1, scored.end(), [](const auto& x, const auto& y) {
+            return moba::core::ranks_before(x.first, x.second, y.first, y.second);
+          });
+          const auto [s1, j1] = scored[need - 1];
+          const auto [s2, j2] = scored[need];
+          ++rows;
+          if (std::abs(s1 - s2) <= 4.0 * static_cast<double>(d + 2) * eps * std::max(magnitude[j1], magnitude[j2])) ++ties;
+        }
+      }
+    }
+  }
+  std::printf("near-ties: %lld of %lld rows with a choice (%s) have their K-th and (K+1)-th gate scores within %s rounding\n",
+              static_cast<long long>(ties), static_cast<long long>(rows), percent(ties, rows).c_str(),
+              s.dtype == "f64" ? "fp64" : "fp32");
+}
+
+void stats(const std::string& from) {
+  const selection_info s = load_selection(from);
+  std::vector<std::int64_t> as_current(s.blocks + 1, 0), as_history(s.blocks + 1, 0), eligible(s.blocks + 1, 0);
+  std::int64_t attended = 0, reach = 0, pairs = 0, causal_pairs = 0;
+  for (std::int64_t t = 0; t < s.tokens; ++t) {
+    const std::int64_t c = s.current[t];
+    eligible[0] += s.heads;  // a difference array: rows for which blocks [0, c) are history
+    eligible[c] -= s.heads;
+    reach += (c + 1) * s.heads;
+    for (std::int64_t h = 0; h < s.heads; ++h) {
+      std::int64_t n = 0;
+      for (std::int64_t w = 0; w < s.width; ++w) {
+        const std::int32_t j = s.sel[(t * s.heads + h) * s.width + w];
+        if (j < 0) break;
+        ++(j == c ? as_current : as_history)[j];
+        ++n;
+      }
+      attended += n;
+      if (s.have_meta) {  // history blocks lie wholly in the past: block_size keys each
+        pairs += s.pos[t] - c * s.block_size + 1 + (n - 1) * s.block_size;
+        causal_pairs += s.pos[t] + 1;
+      }
+    }
+  }
+  for (std::int64_t j = 1; j <= s.blocks; ++j) eligible[j] += eligible[j - 1];
+
+  std::printf("selection %s: %lld tokens x %lld heads = %lld rows, width %lld", s.source.c_str(),
+              static_cast<long long>(s.tokens), static_cast<long long>(s.heads), static_cast<long long>(s.tokens * s.heads),
+              static_cast<long long>(s.width));
+  if (s.have_meta)
+    std::printf(" (block size %lld, top-k %lld, %s, %lld sequences)", static_cast<long long>(s.block_size),
+                static_cast<long long>(s.top_k), s.mode.c_str(), static_cast<long long>(s.cu_q.size() - 1));
+  std::printf("\nattended blocks: %lld of %lld in causal reach (%s)\n", static_cast<long long>(attended),
+              static_cast<long long>(reach), percent(attended, reach).c_str());
+  if (s.have_meta)
+    std::printf("attended key pairs: %lld of %lld causal pairs (%s)\n", static_cast<long long>(pairs),
+                static_cast<long long>(causal_pairs), percent(pairs, causal_pairs).c_str());
+  else
+    std::printf("attended key pairs: not computed (a bare selected.npy has no positions; give its folder)\n");
+  print_near_ties(s);
+  std::printf("load per key block, in rows (token x head): as the current block, as a chosen history block, and\n"
+              "rows for which it is history (share: chosen / those):\n");
+  std::printf("%7s %9s %9s %9s %8s\n", "block", "current", "history", "eligible", "share");
+  double max_share = 0, sum_share = 0;
+  std::int64_t counted = 0;
+  for (std::int64_t j = 0; j < s.blocks; ++j) {
+    std::printf("%7lld %9lld %9lld %9lld %8s\n", static_cast<long long>(j), static_cast<long long>(as_current[j]),
+                static_cast<long long>(as_history[j]), static_cast<long long>(eligible[j]),
+                eligible[j] ? percent(as_history[j], eligible[j]).c_str() : "-");
+    if (eligible[j]) {
+      const double share = static_cast<double>(as_history[j]) / static_cast<double>(eligible[j]);
+      max_share = std::max(max_share, share), sum_share += share, ++counted;
+    }
+  }
+  if (counted && sum_share > 0)
+    std::printf("history load imbalance (largest share / mean share, as MoE expert load): %.3f\n",
+                max_share / (sum_share / static_cast<double>(counted)));
+}
+
+std::string xml_escape(const std::string& text) {
+  std::string out;
+  for (char ch : text) {
+    if (ch == '&') out += "&amp;";
+    else if (ch == '<') out += "&lt;";
+    else if (ch == '>') out += "&gt;";
+    else if (ch == '"') out += "&quot;";
+    else out += ch;
+  }
+  return out;
+}
+
+/// A tick step of 1, 2 or 5 × 10^n that puts at most about `ticks` ticks on `extent` units.
+std::int64_t tick_step(std::int64_t extent, std::int64_t ticks) {
+  for (std::int64_t base = 1;; base *= 10)
+    for (std::int64_t f : {1, 2, 5})
+      if (extent <= ticks * base * f) return base * f;
+}
+
+/// printf into a string, for the SVG.
+template <class... Args>
+std::string fmt(const char* format, Args... args) {
+  const int n = std::snprintf(nullptr, 0, format, args...);
+  std::string out(static_cast<std::size_t>(n) + 1, '\0');
+  std::snprintf(out.data(), out.size(), format, args...);
+  out.pop_back();
+  return out;
+}
+
+/// The map: x = key block, y = query token (packed; rows of up to `bin` tokens, never straddling two
+/// sequences), each cell shaded by the share of the row's (token, head) pairs that chose the block
+/// (opacity = share), the current block of each row traced in red, sequences parted by dashed lines.
+std::string selection_svg(const selection_info& s, std::optional<std::int64_t> head, std::int64_t max_rows) {
+  constexpr double left = 80, top = 50, pw = 720, ph = 560, legend = 250, bottom = 60;
+  const std::int64_t blocks = std::max<std::int64_t>(s.blocks, 1), tokens = std::max<std::int64_t>(s.tokens, 1);
+  const std::int64_t bin = std::max<std::int64_t>(1, (s.tokens + max_rows - 1) / max_rows);
+  const std::int64_t h0 = head ? *head : 0, h1 = head ? *head + 1 : s.heads;
+  const double cw = pw / static_cast<double>(blocks);
+  const auto x_of = [&](double j) { return left + j * cw; };
+  const auto y_of = [&](double t) { return top + t * ph / static_cast<double>(tokens); };
+  const auto ll = [](std::int64_t x) { return static_cast<long long>(x); };
+
+  std::string svg = fmt("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" "
+                        "width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" font-size=\"12\">\n",
+                        left + pw + legend, top + ph + bottom);
+  std::string title = "Key blocks chosen by each query, " +
+                      (head ? "head " + std::to_string(*head) : "all " + std::to_string(s.heads) + " heads") + ": " +
+                      s.source;
+  if (s.have_meta) title += " (block size " + std::to_string(s.block_size) + ", top-k " + std::to_string(s.top_k) + ")";
+  svg += fmt("<text class=\"title\" x=\"%.0f\" y=\"24\" font-size=\"14\">", left) + xml_escape(title) + "</text>\n";
+  svg += fmt("<rect id=\"plot\" x=\"%.3f\" y=\"%.3f\" width=\"%.3f\" height=\"%.3f\" fill=\"white\" stroke=\"black\" "
+             "data-blocks=\"%lld\" data-tokens=\"%lld\" data-rows=\"%lld\"/>\n",
+             left, top, pw, ph, ll(blocks), ll(tokens), ll(bin));
+
+  std::vector<std::int64_t> count(blocks);
+  std::string trace;
+  for (std::size_t b = 0; b + 1 < s.cu_q.size(); ++b) {
+    if (s.cu_q[b + 1] == s.cu_q[b]) continue;
+    if (b > 0)
+      svg += fmt("<line class=\"sequence\" x1=\"%.3f\" y1=\"%.3f\" x2=\"%.3f\" y2=\"%.3f\" stroke=\"gray\" "
+                 "stroke-dasharray=\"4 3\"/>\n", left, y_of(s.cu_q[b]), left + pw, y_of(s.cu_q[b]));
+    trace += "<polyline class=\"current\" fill=\"none\" stroke=\"#d62728\" stroke-width=\"1.5\" points=\"";
+    for (std::int64_t t0 = s.cu_q[b]; t0 < s.cu_q[b + 1]; t0 += bin) {
+      const std::int64_t t1 = std::min<std::int64_t>(t0 + bin, s.cu_q[b + 1]);
+      std::fill(count.begin(), count.end(), 0);
+      for (std::int64_t t = t0; t < t1; ++t)
+        for (std::int64_t h = h0; h < h1; ++h)
+          for (std::int64_t w = 0; w < s.width; ++w)
+            if (const std::int32_t j = s.sel[(t * s.heads + h) * s.width + w]; j >= 0) ++count[j];
+      const double row_pairs = static_cast<double>((t1 - t0) * (h1 - h0));
+      for (std::int64_t j = 0; j < blocks; ++j) {
+        if (!count[j]) continue;
+        const double share = static_cast<double>(count[j]) / row_pairs;
+        svg += fmt("<rect class=\"cell\" x=\"%.3f\" y=\"%.3f\" width=\"%.3f\" height=\"%.3f\" fill=\"#08306b\" "
+                   "fill-opacity=\"%.4f\"><title>queries %lld-%lld, block %lld: %.1f%%</title></rect>\n",
+                   x_of(j), y_of(t0), cw, y_of(t1) - y_of(t0), share, ll(t0), ll(t1 - 1), ll(j), 100 * share);
+      }
+      trace += fmt("%.3f,%.3f %.3f,%.3f ", x_of(s.current[t0] + 0.5), y_of(t0), x_of(s.current[t1 - 1] + 0.5), y_of(t1));
+    }
+    trace.back() = '"';
+    trace += "/>\n";
+  }
+  svg += trace;
+
+  // Axes: ticks at block centres and token starts, 1-2-5 steps.
+  const std::int64_t xs = tick_step(blocks, 10), ys = tick_step(tokens, 10);
+  for (std::int64_t j = 0; j < blocks; j += xs)
+    svg += fmt("<line x1=\"%.3f\" y1=\"%.3f\" x2=\"%.3f\" y2=\"%.3f\" stroke=\"black\"/>"
+               "<text class=\"xtick\" x=\"%.3f\" y=\"%.3f\" text-anchor=\"middle\">%lld</text>\n",
+               x_of(j + 0.5), top + ph, x_of(j + 0.5), top + ph + 5, x_of(j + 0.5), top + ph + 18, ll(j));
+  for (std::int64_t t = 0; t < tokens; t += ys)
+    svg += fmt("<line x1=\"%.3f\" y1=\"%.3f\" x2=\"%.3f\" y2=\"%.3f\" stroke=\"black\"/>"
+               "<text class=\"ytick\" x=\"%.3f\" y=\"%.3f\" text-anchor=\"end\">%lld</text>\n",
+               left - 5, y_of(t), left, y_of(t), left - 8, y_of(t) + 4, ll(t));
+  svg += fmt("<text class=\"xlabel\" x=\"%.3f\" y=\"%.3f\" text-anchor=\"middle\">key block</text>\n", left + pw / 2,
+             top + ph + 40);
+  svg += fmt("<text class=\"ylabel\" x=\"20\" y=\"%.3f\" text-anchor=\"middle\" transform=\"rotate(-90 20 %.3f)\">"
+             "query token%s</text>\n", top + ph / 2, top + ph / 2,
+             bin > 1 ? fmt(" (rows of %lld)", ll(bin)).c_str() : "");
+
+  // Legend: the shade scale and the red trace.
+  const double lx = left + pw + 20;
+  svg += fmt("<g class=\"legend\"><text x=\"%.3f\" y=\"%.3f\">share of the row's queries</text>"
+             "<text x=\"%.3f\" y=\"%.3f\">%s that chose the block</text>\n",
+             lx, top + 10, lx, top + 26, head ? "" : "(x heads)");
+  for (int i = 1; i <= 4; ++i)
+    svg += fmt("<rect x=\"%.3f\" y=\"%.3f\" width=\"18\" height=\"18\" fill=\"#08306b\" fill-opacity=\"%.2f\" "
+               "stroke=\"gray\"/><text x=\"%.3f\" y=\"%.3f\">%d%%</text>\n",
+               lx, top + 20 + 24.0 * i, i / 4.0, lx + 26, top + 34 + 24.0 * i, 25 * i);
+  svg += fmt("<line x1=\"%.3f\" y1=\"%.3f\" x2=\"%.3f\" y2=\"%.3f\" stroke=\"#d62728\" stroke-width=\"1.5\"/>"
+             "<text x=\"%.3f\" y=\"%.3f\">current block (causal part)</text>\n",
+             lx, top + 160, lx + 18, top + 160, lx + 26, top + 164);
+  if (s.cu_q.size() > 2)
+    svg += fmt("<line x1=\"%.3f\" y1=\"%.3f\" x2=\"%.3f\" y2=\"%.3f\" stroke=\"gray\" stroke-dasharray=\"4 3\"/>"
+               "<text x=\"%.3f\" y=\"%.3f\">next sequence</text>\n",
+               lx, top + 184, lx + 18, top + 184, lx + 26, top + 188);
+  svg += "</g>\n</svg>\n";
+  return svg;
+}
+
+void plot(const std::string& from, const fs::path& out, const std::string& head_text, std::int64_t max_rows) {
+  const selection_info s = load_selection(from);
+  std::optional<std::int64_t> head;
+  if (!head_text.empty()) {
+    head = parse_integer<std::int64_t>("--head", head_text, 0, max_tokens);
+    if (*head >= s.heads)
+      throw usage_error("--head = '" + head_text + "': " + s.source + " has " + std::to_string(s.heads) +
+                        " heads (0 to " + std::to_string(s.heads - 1) + ")");
+  }
+  const std::string svg = selection_svg(s, head, max_rows);
+  staging stage(out);
+  const std::string name = out.filename().string();
+  stage.write(name, [&](const std::string& path) { npy::write_file(path, {svg}); });
+  stage.commit(name);
+}
+
 /// One line on stderr, whatever the message holds.
 int fail(std::string message) {
   std::replace(message.begin(), message.end(), '\n', ' ');
@@ -786,6 +1174,15 @@ int run_main(int argc, char** argv) {
   CLI::Option* tol_opt =
       chk->add_option("--tol", tol, "relative-error tolerance, >= 0 (default: SPEC's bound for the dtype)");
 
+  std::string from, head, max_rows = "256";
+  auto* stc = app.add_subcommand("stats", "print what the gate chose: per-block load, near-ties, attended fraction");
+  stc->add_option("--from", from, "a generate/run folder, or a selected.npy [tokens, Hq, width]")->required();
+  auto* plc = app.add_subcommand("plot", "draw the selection as an SVG map (key block x query token)");
+  plc->add_option("--from", from, "a generate/run folder, or a selected.npy [tokens, Hq, width]")->required();
+  plc->add_option("--out", out, "the .svg file to write; must not exist yet")->required();
+  plc->add_option("--head", head, "one query head (default: all heads, shaded by the share that chose a block)");
+  plc->add_option("--max-rows", max_rows, "at most this many rows of queries (consecutive tokens binned), default 256");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -812,6 +1209,14 @@ int run_main(int argc, char** argv) {
       s.dtype = run_dtype;
       const fs::path out_path = parse_out(out);
       run(s, q, k, v, cu, cu_k, dout, out_path);
+    }
+    if (stc->parsed()) {
+      stats(from);
+      return 0;
+    }
+    if (plc->parsed()) {
+      const auto rows = parse_integer<std::int64_t>("--max-rows", max_rows, 1, 100'000);
+      plot(from, parse_out(out), head, rows);
     }
     if (chk->parsed()) {
       std::optional<double> tolerance;
