@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: MIT
-"""moba-ref end to end: NumPy reads what it writes, run reproduces generate bit for bit, check
-catches a perturbation, every bad input exits 2 with one message leaving no output behind, failed
-writes are reported, and an interrupted run removes its temporary folder."""
+"""moba-ref end to end: NumPy reads what it writes, run reproduces generate bit for bit, the gradient
+files are the backward of a NumPy MoBA written from SPEC, check catches a perturbation, stats and
+plot show what selected.npy holds, every bad input exits 2 with one message leaving no output behind,
+failed writes are reported, and an interrupted run removes its temporary folder. Random tests print
+their seed (seed=N); MOBA_TEST_SEED=N replays it."""
 import json
 import math
 import os
@@ -772,6 +774,8 @@ class MobaRef(unittest.TestCase):
         pathlib.Path(bad_meta, "meta.json").write_text(json.dumps(dict(meta, block_size=32)))
         never = ["--out", self.path("never")]
         self.assert_one_line(tool("stats", "--from", bad_meta), "ending at its current block")
+        pathlib.Path(bad_meta, "meta.json").write_text(json.dumps(dict(meta, q_heads=2, kv_heads=1)))
+        self.assert_one_line(tool("plot", "--from", bad_meta, "--out", self.path("never")), "q_heads = 2")
         self.assert_one_line(tool("plot", "--from", d, "--head", "4", *never), "--head = '4'", "4 heads")
         self.assert_one_line(tool("plot", "--from", d, "--max-rows", "0", *never), "--max-rows = '0'")
         self.assert_one_line(tool("plot", "--from", self.path("missing"), *never), "missing", "cannot open")

@@ -781,6 +781,7 @@ selection_info load_selection(const std::string& from) {
       };
       s.block_size = integer("block_size", 1);
       s.top_k = integer("top_k", 1);
+      s.heads = integer("q_heads", 1);  // checked against the file below
       s.kv_heads = integer("kv_heads", 1);
       s.head_dim = integer("head_dim", 1);
       const json &dtype = meta.at("dtype"), &mode = meta.at("mode");
@@ -802,6 +803,9 @@ selection_info load_selection(const std::string& from) {
   if (a.descr != "<i4" || a.shape.size() != 3 || a.shape[1] < 1 || a.shape[2] < 1)
     throw usage_error(s.source + " has shape " + npy::dims(a.shape) + " and dtype " + a.descr +
                       "; a selection is [tokens, heads >= 1, width >= 1] of <i4");
+  if (s.have_meta && a.shape[1] != s.heads)
+    throw usage_error(s.source + " has shape " + npy::dims(a.shape) + " but meta.json says q_heads = " +
+                      std::to_string(s.heads));
   s.tokens = a.shape[0], s.heads = a.shape[1], s.width = a.shape[2];
   s.sel.resize(static_cast<std::size_t>(a.count()));
   if (!s.sel.empty()) std::memcpy(s.sel.data(), a.data.data(), a.data.size());
