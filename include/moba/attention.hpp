@@ -69,15 +69,29 @@ class attention {
 
   /// Computes dq, dk, dv (SPEC §Backward) with the selection held fixed: `a.selection` (the forward's
   /// `selected`) or the gate recomputed. Checked like forward; available on backends that implement
-  /// it (moba::reference, moba::cpu), a compile-time error elsewhere.
+  /// it (moba::reference, moba::cpu, moba::cuda), a compile-time error elsewhere.
   void backward(const backward_args<Dtype>& a) {
     using impl = backend_impl<Backend, Dtype>;
     static_assert(requires(impl& b, const core::bwd_params<Dtype>& p) { b.backward(p); },
                   "moba: this backend has no backward pass yet");
-    const core::bwd_params<Dtype> p = detail::make_bwd_params<Dtype>(cfg_, a);
-    require_head_dim(p.head_dim);
+    const core::bwd_params<Dtype> p = backward_params(a);
     impl_.check(p);
     impl_.backward(p);
+  }
+
+  /// backward with per-call backend options (moba::cuda: the stream and the workspace of this call).
+  template <class Impl = backend_impl<Backend, Dtype>>
+  void backward(const backward_args<Dtype>& a, const typename Impl::call_options& call) {
+    const core::bwd_params<Dtype> p = backward_params(a);
+    impl_.check(p, call);
+    impl_.backward(p, call);
+  }
+
+  /// Bytes of workspace `backward(a)` needs, on backends that can run in caller memory (moba::cuda).
+  std::int64_t workspace_size(const backward_args<Dtype>& a) const
+    requires requires(const backend_impl<Backend, Dtype>& b, const core::bwd_params<Dtype>& p) { b.workspace_size(p); }
+  {
+    return impl_.workspace_size(backward_params(a));
   }
 
   /// One decode step (see decode_args). Checked like forward; available on backends that implement
@@ -104,6 +118,11 @@ class attention {
     if constexpr (!requires { impl::device_offsets; }) {
       detail::require(!p.seqs.on_device, impl::name, " reads its offsets on the host: pass cu_seqlens_q/k, not device_seqlens");
     }
+    return p;
+  }
+  core::bwd_params<Dtype> backward_params(const backward_args<Dtype>& a) const {
+    const core::bwd_params<Dtype> p = detail::make_bwd_params<Dtype>(cfg_, a);
+    require_head_dim(p.head_dim);
     return p;
   }
   static void require_head_dim(std::int64_t d) {

@@ -34,7 +34,7 @@ gradients<T> run_backward(const tensors<T>& t, const outputs<T>& fwd, const std:
   g.dv.assign(t.v.size(), poison_value<T>());
   attention<Backend, T> attn = make();
   const std::int64_t tq = t.total_q(), tk = t.total_k(), hq = t.s.hq, hkv = t.s.hkv, d = t.s.d;
-  attn.backward({.q = t.q_view(),
+  runner<Backend, T>::backward(attn, {.q = t.q_view(),
                  .k = t.k_view(),
                  .v = t.v_view(),
                  .out = packed(fwd.out.data(), tq, hq, d),

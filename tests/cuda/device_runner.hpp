@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 /// @file Runs moba::cuda on the host tensors of the test suite: copies every view's span to the device,
-/// calls forward, synchronises and copies the outputs back (only when the call did not throw).
+/// calls forward (or backward), synchronises and copies the outputs back (only when the call did not throw).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -81,6 +81,30 @@ struct runner<cuda, T> {
     out.copy_back();
     lse.copy_back();
     sel.copy_back();
+  }
+
+  static void backward(attention<cuda, T>& attn, const backward_args<T>& a) {
+    device_copy q(a.q), k(a.k), v(a.v), out(a.out), dout(a.dout);
+    device_copy dq(a.dq), dk(a.dk), dv(a.dv);
+    device_copy lse(a.lse);
+    device_copy given(a.selection);
+    backward_args<T> d = a;
+    d.q = q.view();
+    d.k = k.view();
+    d.v = v.view();
+    d.out = out.view();
+    d.dout = dout.view();
+    d.lse = lse.view();
+    d.selection = given.view();
+    d.dq = dq.view();
+    d.dk = dk.view();
+    d.dv = dv.view();
+    attn.backward(d);
+    MOBA_CUDA_CHECK(cudaStreamSynchronize(attn.backend().stream()));
+    MOBA_CUDA_CHECK(cudaGetLastError());
+    dq.copy_back();
+    dk.copy_back();
+    dv.copy_back();
   }
 };
 

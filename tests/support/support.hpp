@@ -108,6 +108,7 @@ template <class Backend, class T>
 struct runner {
   static void forward(attention<Backend, T>& attn, const forward_args<T>& args) { attn.forward(args); }
   static void gate(attention<Backend, T>& attn, const forward_args<T>& args) { attn.gate(args); }
+  static void backward(attention<Backend, T>& attn, const backward_args<T>& args) { attn.backward(args); }
 };
 
 /// Backend options `run` sets before the call: none.

@@ -17,6 +17,7 @@
 
 #include <moba/attention.hpp>
 #include <moba/backends/cuda/attention.cuh>
+#include <moba/backends/cuda/backward.cuh>
 #include <moba/backends/cuda/check.hpp>
 #include <moba/backends/cuda/gate.cuh>
 #include <moba/backends/cuda/given_selection.cuh>
@@ -247,7 +248,64 @@ struct backend_impl<cuda, Dtype> {
   }
 
   void check(const core::fwd_params<Dtype>& p) const { check(p, {stream_, user_, user_bytes_}); }
-  void check(const core::fwd_params<Dtype>& p, const call_options& call) const {
+  void check(const core::fwd_params<Dtype>& p, const call_options& call) const { check_call(p, call, workspace_size(p)); }
+
+  /// Device workspace bytes a backward call needs: the forward's gate's (table, block means,
+  /// selections) and δ, 4 bytes per query and head.
+  std::int64_t workspace_size(const core::bwd_params<Dtype>& p) const {
+    const core::fwd_params<Dtype> f = gate_params(p);
+    const backends::cuda::workspace_shape s = backends::cuda::shape_of(f);
+    std::vector<backends::cuda::sequence_desc> table;
+    const backends::cuda::call_bounds b = p.seqs.on_device ? backends::cuda::bounds_of(s) : backends::cuda::host_table(f, s.top_k, table);
+    return backends::cuda::plan(s, b).total + backends::cuda::align256(b.rows * p.q_heads * 4);
+  }
+  void check(const core::bwd_params<Dtype>& p) const { check(p, {stream_, user_, user_bytes_}); }
+  void check(const core::bwd_params<Dtype>& p, const call_options& call) const {
+    check_call(gate_params(p), call, workspace_size(p));
+  }
+
+  /// dq, dk, dv (SPEC §Backward) with the selection held fixed: the caller's, or the gate run again
+  /// (the forward's kernels, so the same blocks). CUDA cores, deterministic (backward.cuh).
+  void backward(const core::bwd_params<Dtype>& p) { backward(p, {stream_, nullptr, 0}); }
+  void backward(const core::bwd_params<Dtype>& p, const call_options& call) {
+    namespace c = backends::cuda;
+    const core::fwd_params<Dtype> f = gate_params(p);
+    const cudaStream_t stream = call.stream;
+    const call_setup s = setup(f, call, true);
+    auto* delta = reinterpret_cast<float*>(s.ws + s.w.total);
+    std::int32_t* sel = f.full ? nullptr : reinterpret_cast<std::int32_t*>(s.ws + s.w.sel);
+    if (s.w.zeroed > 0) MOBA_CUDA_CHECK(cudaMemsetAsync(s.ws + s.w.tickets, 0, s.w.zeroed, stream));
+    const std::int64_t row_heads = s.b.rows * p.q_heads;
+    const float scale = static_cast<float>(p.softmax_scale);
+    core::with_head_dim(
+        head_dim_list{}, p.head_dim,
+        [&](auto dim) {
+          constexpr int D = decltype(dim)::value;
+          if (row_heads > 0) {
+            if (f.selection.given()) {
+              c::given_selection_kernel<Dtype><<<grid((row_heads + 255) / 256), 256, 0, stream>>>(f, s.table, sel, c::slot_tally{}, nullptr);
+              c::check_launch("given_selection_kernel");
+            } else if (!f.full) {
+              gate(f, s.b, s.w, s.table, s.ws, c::slot_tally{}, stream);
+            }
+            const unsigned warps_grid = grid((row_heads * 32 + c::backward_threads - 1) / c::backward_threads);
+            c::delta_kernel<Dtype><<<warps_grid, c::backward_threads, 0, stream>>>(p, s.table, delta);
+            c::check_launch("delta_kernel");
+            c::dq_kernel<Dtype, D><<<warps_grid, c::backward_threads, 0, stream>>>(p, s.table, sel, f.top_k, delta, scale);
+            c::check_launch("dq_kernel");
+          }
+          // Every key's dk and dv are written, zero where no query attends it.
+          const std::int64_t tiles = (p.block_size + c::dkdv_keys - 1) / c::dkdv_keys;
+          c::dkdv_kernel<Dtype, D><<<grid(p.kv_heads * s.w.total_blocks * tiles), c::backward_threads, 0, stream>>>(
+              p, s.table, sel, f.top_k, delta, scale, s.w.total_blocks);
+          c::check_launch("dkdv_kernel");
+        },
+        [] {});
+  }
+
+ private:
+  /// Checks that do not depend on the pass: the device, top_k, alignment and the workspace's size.
+  void check_call(const core::fwd_params<Dtype>& p, const call_options& call, std::int64_t need) const {
     detail::require(major_ >= 8, name, " needs compute capability >= 8.0 (bf16 tensor cores, also for the gate); this device has ",
                     major_, ".x");
     detail::require(p.full || p.selection.given() || p.top_k <= backends::cuda::max_top_k, name, " supports top_k <= ",
@@ -271,11 +329,12 @@ struct backend_impl<cuda, Dtype> {
       const std::int64_t bytes = call.workspace != nullptr ? call.workspace_bytes : user_bytes_;
       detail::require(reinterpret_cast<std::uintptr_t>(ws) % 256 == 0, name, " workspace at ", ws,
                       " is not 256-byte aligned");
-      const std::int64_t need = workspace_size(p);
       detail::require(need <= bytes, name, " workspace of ", bytes, " bytes is too small: this call needs ", need);
     }
   }
 
+
+ public:
   void forward(const core::fwd_params<Dtype>& p) { forward(p, {stream_, nullptr, 0}); }
 
   void forward(const core::fwd_params<Dtype>& given, const call_options& call) {
@@ -286,27 +345,12 @@ struct backend_impl<cuda, Dtype> {
       p.top_k = p.selection.extent[3];
     }
     const cudaStream_t stream = call.stream;
-    const c::workspace_shape shape = c::shape_of(given);
-    std::unique_lock<std::mutex> staging_lock(staging_mutex_, std::defer_lock);
-    c::call_bounds b;
-    if (p.seqs.on_device) {
-      b = c::bounds_of(shape);
-    } else {
-      staging_lock.lock();
-      b = c::host_table(p, shape.top_k, table_);
-    }
-    if (b.rows == 0) return;
-    const c::workspace_layout w = c::plan(shape, b);
-    unsigned char* ws = call.workspace != nullptr ? static_cast<unsigned char*>(call.workspace) : workspace(w.total, stream);
-    auto* table = reinterpret_cast<c::sequence_desc*>(ws + w.table);
-    if (p.seqs.on_device) {
-      c::table_kernel<<<1, c::table_threads, 0, stream>>>(p.seqs.cu_seqlens_q, p.seqs.cu_seqlens_k, p.seqs.count, p.q.extent[1],
-                                                          p.k.extent[1], p.seqs.max_q_len, p.seqs.max_k_len, p.block_size, table);
-      c::check_launch("table_kernel");
-    } else {
-      upload_table(table, stream);
-      staging_lock.unlock();
-    }
+    const call_setup s = setup(p, call, false);
+    if (s.ws == nullptr) return;  // no queries
+    const c::call_bounds& b = s.b;
+    const c::workspace_layout& w = s.w;
+    unsigned char* ws = s.ws;
+    c::sequence_desc* table = s.table;
     auto* tickets = reinterpret_cast<unsigned*>(ws + w.tickets);
     if (w.zeroed > 0) MOBA_CUDA_CHECK(cudaMemsetAsync(tickets, 0, w.zeroed, stream));
 
@@ -352,6 +396,57 @@ struct backend_impl<cuda, Dtype> {
   }
 
  private:
+  /// What both passes set up first: the call's bounds, its workspace (the backward's with δ after
+  /// the forward's layout) and the sequence table in it, built on the device from device offsets or
+  /// uploaded. A forward call without queries sets up nothing (ws null); a backward one still needs
+  /// the table to write its keys' zero gradients.
+  struct call_setup {
+    backends::cuda::call_bounds b;
+    backends::cuda::workspace_layout w;
+    unsigned char* ws = nullptr;
+    backends::cuda::sequence_desc* table = nullptr;
+  };
+  call_setup setup(const core::fwd_params<Dtype>& p, const call_options& call, bool backward) {
+    namespace c = backends::cuda;
+    const c::workspace_shape shape = c::shape_of(p);
+    std::unique_lock<std::mutex> staging_lock(staging_mutex_, std::defer_lock);
+    call_setup s;
+    if (p.seqs.on_device) {
+      s.b = c::bounds_of(shape);
+    } else {
+      staging_lock.lock();
+      s.b = c::host_table(p, shape.top_k, table_);
+    }
+    if (s.b.rows == 0 && !backward) return s;
+    s.w = c::plan(shape, s.b);
+    const std::int64_t bytes = s.w.total + (backward ? c::align256(s.b.rows * p.q_heads * 4) : 0);
+    s.ws = call.workspace != nullptr ? static_cast<unsigned char*>(call.workspace) : workspace(bytes, call.stream);
+    s.table = reinterpret_cast<c::sequence_desc*>(s.ws + s.w.table);
+    if (p.seqs.on_device) {
+      c::table_kernel<<<1, c::table_threads, 0, call.stream>>>(p.seqs.cu_seqlens_q, p.seqs.cu_seqlens_k, p.seqs.count,
+                                                               p.q.extent[1], p.k.extent[1], p.seqs.max_q_len, p.seqs.max_k_len,
+                                                               p.block_size, s.table);
+      c::check_launch("table_kernel");
+    } else {
+      upload_table(s.table, call.stream);
+    }
+    return s;
+  }
+
+  /// The gate's parameters of a backward call: its problem, gate only, with a given selection's
+  /// width in place of top_k (SPEC §Blocks 7).
+  static core::fwd_params<Dtype> gate_params(const core::bwd_params<Dtype>& p) {
+    core::fwd_params<Dtype> f;
+    static_cast<core::problem<Dtype>&>(f) = p;
+    f.gate_only = true;
+    f.selection = p.selection;
+    if (f.selection.given()) {
+      f.full = false;
+      f.top_k = f.selection.extent[3];
+    }
+    return f;
+  }
+
   /// Copies the host-built table_ to the device through pinned memory; waits only for the previous
   /// call's copy from the staging buffer. The caller holds staging_mutex_.
   void upload_table(backends::cuda::sequence_desc* table, cudaStream_t stream) {
