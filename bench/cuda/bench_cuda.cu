@@ -114,6 +114,67 @@ void bench_forward(benchmark::State& state, std::int64_t n, std::int64_t block, 
 
 /// Registers one benchmark named cuda/<dtype>/<mode>/N=…/H=16/D=128/B=…/K=…[/device-offsets] (padded
 /// batch 1, or one packed sequence whose offsets are in device memory: the embedding path).
+/// The backward alone (the forward's lse and selection given), timed with events; `flops` counts
+/// 2.5 × the forward's 4·D per attended pair (core::backward_flops).
+template <class T>
+void bench_backward(benchmark::State& state, std::int64_t n, std::int64_t block, std::int64_t top_k) {
+  constexpr std::int64_t heads = 16, d = 128;
+  const std::int64_t elems = n * heads * d;
+  std::vector<std::unique_ptr<device_buffer>> t;  // q, k, v, dout, out, dq, dk, dv
+  for (int s = 0; s < 8; ++s) {
+    t.push_back(std::make_unique<device_buffer>(elems * sizeof(T)));
+    fill_random<T><<<1024, 256>>>(t.back()->as<T>(), elems, 0x7654321ull * (s + 1));
+  }
+  const std::int64_t width = moba::core::selection_width(moba::core::current_block(n - 1, block), top_k, false);
+  device_buffer lse(n * heads * sizeof(float)), sel(n * heads * width * sizeof(std::int32_t));
+  check(cudaDeviceSynchronize(), "fill_random");
+  moba::config cfg;
+  cfg.block_size = block;
+  cfg.top_k = top_k;
+  moba::attention<moba::cuda, T> attn(cfg);
+  const std::int32_t cu[2] = {0, static_cast<std::int32_t>(n)};
+  auto view = [&](int s) { return moba::packed<const T>(t[s]->template as<T>(), n, heads, d); };
+  attn.forward({.q = view(0), .k = view(1), .v = view(2), .out = moba::packed(t[4]->as<T>(), n, heads, d),
+                .lse = moba::bsh(lse.as<moba::accum_t<T>>(), 1, n, heads),
+                .selected = moba::selection(sel.as<std::int32_t>(), 1, n, heads, width), .cu_seqlens_q = cu, .cu_seqlens_k = cu});
+  const moba::backward_args<T> args{.q = view(0), .k = view(1), .v = view(2), .out = view(4), .dout = view(3),
+                                    .lse = moba::bsh<const moba::accum_t<T>>(lse.as<moba::accum_t<T>>(), 1, n, heads),
+                                    .dq = moba::packed(t[5]->as<T>(), n, heads, d),
+                                    .dk = moba::packed(t[6]->as<T>(), n, heads, d),
+                                    .dv = moba::packed(t[7]->as<T>(), n, heads, d),
+                                    .cu_seqlens_q = cu, .cu_seqlens_k = cu,
+                                    .selection = moba::selection<const std::int32_t>(sel.as<std::int32_t>(), 1, n, heads, width)};
+  attn.backward(args);  // warm-up
+  check(cudaDeviceSynchronize(), "warm-up");
+  cudaEvent_t start, stop;
+  for (cudaEvent_t* e : {&start, &stop}) check(cudaEventCreate(e), "cudaEventCreate");
+  for (auto _ : state) {
+    check(cudaEventRecord(start), "cudaEventRecord");
+    attn.backward(args);
+    check(cudaEventRecord(stop), "cudaEventRecord");
+    check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+    state.SetIterationTime(ms / 1e3);
+  }
+  const double pairs = static_cast<double>(moba::core::attended_pairs(n, n, block, top_k, false)) * heads;
+  state.counters["flops"] = benchmark::Counter(moba::core::backward_flops(1, d) * pairs, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["extra_bytes"] = static_cast<double>(attn.backend().workspace_capacity());
+  for (cudaEvent_t e : {start, stop}) cudaEventDestroy(e);
+}
+
+template <class T>
+void register_backward(const char* dtype, std::int64_t n, std::int64_t block, std::int64_t top_k) {
+  const std::string name = std::string("cuda/") + dtype + "/backward/N=" + std::to_string(n) + "/H=16/D=128/B=" +
+                           std::to_string(block) + "/K=" + std::to_string(top_k);
+  benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { bench_backward<T>(s, n, block, top_k); })
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(1)
+      ->Repetitions(5)
+      ->ReportAggregatesOnly(true);
+}
+
 template <class T>
 void register_config(const char* dtype, std::int64_t n, std::int64_t block, std::int64_t top_k, bool full,
                      bool offsets_on_device = false) {
@@ -143,6 +204,8 @@ void register_all() {
   register_config<float>("f32", 32768, 512, 3, false);
   register_config<moba::bfloat16>("bf16", 32768, 512, 3, false, true);
   register_config<moba::bfloat16>("bf16", 131072, 2048, 3, false, true);
+  register_backward<moba::bfloat16>("bf16", 32768, 512, 3);
+  register_backward<float>("f32", 32768, 512, 3);
 }
 
 }  // namespace
