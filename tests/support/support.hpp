@@ -207,7 +207,11 @@ double gate_underflow(std::int64_t d, double q_abs_sum) {
 
 /// Dense causal attention in double, written independently of the library (SPEC §Attention with every
 /// past key): out `[total_q, hq, d]`, lse `[total_q, hq]`.
-inline void dense_causal(const tensors<double>& t, double scale, std::vector<double>& out, std::vector<double>& lse) {
+/// Attention written out in the test, independent of every backend: query row (token `row`,
+/// head h) at position pos attends key j <= pos where `attends(row, h, pos, j)`.
+template <class Attends>
+void masked_attention(const tensors<double>& t, double scale, Attends&& attends, std::vector<double>& out,
+                      std::vector<double>& lse) {
   const auto& s = t.s;
   out.assign(t.total_q() * s.hq * s.d, 0);
   lse.assign(t.total_q() * s.hq, 0);
@@ -217,8 +221,9 @@ inline void dense_causal(const tensors<double>& t, double scale, std::vector<dou
       const std::int64_t row = t.cu_q[b] + i, pos = k_len - q_len + i;
       for (std::int64_t h = 0; h < s.hq; ++h) {
         const std::int64_t kh = h / (s.hq / s.hkv);
-        std::vector<double> logit(pos + 1);
+        std::vector<double> logit(pos + 1, -std::numeric_limits<double>::infinity());
         for (std::int64_t j = 0; j <= pos; ++j) {
+          if (!attends(row, h, pos, j)) continue;
           double dot = 0;
           for (std::int64_t e = 0; e < s.d; ++e)
             dot += t.q[(row * s.hq + h) * s.d + e] * t.k[((t.cu_k[b] + j) * s.hkv + kh) * s.d + e];
@@ -234,6 +239,10 @@ inline void dense_causal(const tensors<double>& t, double scale, std::vector<dou
       }
     }
   }
+}
+
+inline void dense_causal(const tensors<double>& t, double scale, std::vector<double>& out, std::vector<double>& lse) {
+  masked_attention(t, scale, [](std::int64_t, std::int64_t, std::int64_t, std::int64_t) { return true; }, out, lse);
 }
 
 /// Rows (token × head) whose selection differs from the reference's. Throws a doctest failure
